@@ -1,0 +1,1 @@
+//! Twofold control plane.

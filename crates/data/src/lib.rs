@@ -1,0 +1,1 @@
+//! Twofold data plane.

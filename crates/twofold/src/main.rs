@@ -1,0 +1,3 @@
+//! The `twofold` command.
+
+fn main() {}
