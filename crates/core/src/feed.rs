@@ -1,1 +1,313 @@
-//! TODO
+//! The feed protocol: the records the control plane publishes and data planes
+//! apply, the lines of the snapshot and change streams, and the digest both
+//! planes compute over the replicated state.
+//!
+//! These are wire types. Ids, parameters and bytes are kept in their wire form
+//! (strings, base64) and each plane converts them explicitly into its own domain
+//! types. The encoding is documented in `docs/feed.md`.
+//!
+//! The replicated state is a set of [`Entity`] values, each identified by its
+//! [`EntityKey`]. A [`Change`] carries the full new state of every entity it
+//! touches, or a tombstone, so applying it twice is the same as applying it once.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+/// Bytes travel as standard base64 in JSON.
+pub mod base64 {
+    use data_encoding::BASE64;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&BASE64.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = <&str>::deserialize(d)?;
+        BASE64
+            .decode(text.as_bytes())
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A tenant, as data planes need it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantRecord {
+    pub id: String,
+    pub name: String,
+}
+
+/// An API key that data planes accept: only its keyed hash travels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKeyRecord {
+    pub id: String,
+    pub tenant: String,
+    #[serde(with = "base64")]
+    pub hash: Vec<u8>,
+    pub scopes: Vec<String>,
+}
+
+/// An active TOTP factor. The secret travels sealed, bound to tenant, user and
+/// factor id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TotpRecord {
+    pub id: String,
+    pub tenant: String,
+    pub user: String,
+    pub algorithm: String,
+    pub digits: u8,
+    pub period: u32,
+    #[serde(with = "base64")]
+    pub sealed: Vec<u8>,
+    /// The last time step accepted for this factor, if any (replay protection).
+    pub last_step: Option<u64>,
+}
+
+/// A user's current set of backup codes, as keyed hashes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupCodesRecord {
+    pub tenant: String,
+    pub user: String,
+    /// Changes each time the set is regenerated, so a report about an old set is
+    /// never applied to a new one.
+    pub set_id: String,
+    pub codes: Vec<BackupCodeEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupCodeEntry {
+    #[serde(with = "base64")]
+    pub hash: Vec<u8>,
+    pub used: bool,
+}
+
+/// Runtime state of a user: failure count and locks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserStateRecord {
+    pub tenant: String,
+    pub user: String,
+    /// Consecutive failed verifications.
+    pub failures: u32,
+    /// Locked until unlocked on the control plane.
+    pub locked: bool,
+    /// Unix time in seconds before which attempts are refused, if throttled.
+    pub throttled_until: Option<u64>,
+}
+
+/// One piece of replicated state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Entity {
+    Tenant(TenantRecord),
+    ApiKey(ApiKeyRecord),
+    Totp(TotpRecord),
+    BackupCodes(BackupCodesRecord),
+    UserState(UserStateRecord),
+}
+
+/// What identifies an entity: a later record with the same key replaces it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EntityKey {
+    Tenant { id: String },
+    ApiKey { id: String },
+    Totp { id: String },
+    BackupCodes { tenant: String, user: String },
+    UserState { tenant: String, user: String },
+}
+
+impl Entity {
+    pub fn key(&self) -> EntityKey {
+        match self {
+            Entity::Tenant(t) => EntityKey::Tenant { id: t.id.clone() },
+            Entity::ApiKey(k) => EntityKey::ApiKey { id: k.id.clone() },
+            Entity::Totp(f) => EntityKey::Totp { id: f.id.clone() },
+            Entity::BackupCodes(b) => EntityKey::BackupCodes {
+                tenant: b.tenant.clone(),
+                user: b.user.clone(),
+            },
+            Entity::UserState(u) => EntityKey::UserState {
+                tenant: u.tenant.clone(),
+                user: u.user.clone(),
+            },
+        }
+    }
+
+    /// The canonical bytes of this entity: what the digest hashes and what
+    /// replicas may store. Field order is fixed by the type, so equal entities
+    /// always give equal bytes.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        // Serialising these plain structs into a Vec cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// One operation of a change: the new full state of an entity, or its removal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    Put { entity: Entity },
+    Delete { key: EntityKey },
+}
+
+/// One committed transaction of the control plane, with its sequence number.
+/// Applying it is idempotent; a replica applies all of its ops or none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub seq: u64,
+    /// Commit time in Unix milliseconds, for lag figures only.
+    pub at_ms: u64,
+    pub ops: Vec<Op>,
+}
+
+/// One line of `GET /v1/feed/changes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ChangeLine {
+    Change(Change),
+    /// Sent every few seconds: the stream is alive and the log's head is `head`.
+    Heartbeat { head: u64 },
+}
+
+/// One line of `GET /v1/feed/snapshot`: a header, entities, then a trailer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum SnapshotLine {
+    /// The snapshot holds the state as of `seq`; tail the changes after it.
+    Begin { seq: u64 },
+    Entity { entity: Entity },
+    /// `count` entities were sent, and their digest is `digest`.
+    End { seq: u64, count: u64, digest: String },
+}
+
+/// An order-independent digest of a set of entities: the sum modulo 2^256 of the
+/// SHA-256 of each entity's canonical bytes. Adding the same set in any order gives
+/// the same value, so two planes holding the same state agree without sorting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StateDigest {
+    limbs: [u64; 4],
+    count: u64,
+}
+
+impl StateDigest {
+    pub fn add(&mut self, entity: &Entity) {
+        self.add_canonical(&entity.canonical_bytes());
+    }
+
+    /// Add an entity given by its canonical bytes.
+    pub fn add_canonical(&mut self, bytes: &[u8]) {
+        let hash = Sha256::digest(bytes);
+        let mut carry = false;
+        // Little-endian limbs of the big-endian hash.
+        for (i, limb) in self.limbs.iter_mut().enumerate() {
+            let start = 32 - (i + 1) * 8;
+            let mut word = [0u8; 8];
+            word.copy_from_slice(&hash[start..start + 8]);
+            let (sum, c1) = limb.overflowing_add(u64::from_be_bytes(word));
+            let (sum, c2) = sum.overflowing_add(u64::from(carry));
+            *limb = sum;
+            carry = c1 || c2;
+        }
+        self.count += 1;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Lowercase hex, most significant byte first.
+    pub fn to_hex(&self) -> String {
+        self.limbs
+            .iter()
+            .rev()
+            .map(|l| format!("{l:016x}"))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenant(id: &str) -> Entity {
+        Entity::Tenant(TenantRecord {
+            id: id.into(),
+            name: format!("name of {id}"),
+        })
+    }
+
+    #[test]
+    fn digest_ignores_order_and_sees_every_entity() {
+        let entities: Vec<Entity> = (0..50).map(|i| tenant(&format!("tn_{i}"))).collect();
+        let mut forward = StateDigest::default();
+        entities.iter().for_each(|e| forward.add(e));
+        let mut backward = StateDigest::default();
+        entities.iter().rev().for_each(|e| backward.add(e));
+        assert_eq!(forward, backward);
+        assert_eq!(forward.count(), 50);
+        assert_eq!(forward.to_hex().len(), 64);
+
+        let mut missing_one = StateDigest::default();
+        entities[1..].iter().for_each(|e| missing_one.add(e));
+        assert_ne!(forward.to_hex(), missing_one.to_hex());
+
+        let mut changed = StateDigest::default();
+        entities[1..].iter().for_each(|e| changed.add(e));
+        changed.add(&tenant("tn_other"));
+        assert_ne!(forward.to_hex(), changed.to_hex());
+    }
+
+    #[test]
+    fn lines_round_trip_through_json() {
+        let change = ChangeLine::Change(Change {
+            seq: 7,
+            at_ms: 1_700_000_000_000,
+            ops: vec![
+                Op::Put {
+                    entity: Entity::Totp(TotpRecord {
+                        id: "fa_x".into(),
+                        tenant: "tn_x".into(),
+                        user: "alice".into(),
+                        algorithm: "SHA1".into(),
+                        digits: 6,
+                        period: 30,
+                        sealed: vec![1, 2, 3, 255],
+                        last_step: Some(42),
+                    }),
+                },
+                Op::Delete {
+                    key: EntityKey::BackupCodes {
+                        tenant: "tn_x".into(),
+                        user: "bob".into(),
+                    },
+                },
+            ],
+        });
+        let text = serde_json::to_string(&change).unwrap();
+        assert!(text.contains(r#""sealed":"AQID/w==""#), "{text}");
+        assert_eq!(serde_json::from_str::<ChangeLine>(&text).unwrap(), change);
+
+        let end = SnapshotLine::End {
+            seq: 3,
+            count: 2,
+            digest: "00".into(),
+        };
+        let text = serde_json::to_string(&end).unwrap();
+        assert_eq!(serde_json::from_str::<SnapshotLine>(&text).unwrap(), end);
+    }
+
+    #[test]
+    fn malformed_lines_are_errors() {
+        for bad in [
+            "",
+            "{}",
+            r#"{"type":"change","seq":1}"#,
+            r#"{"type":"entity","entity":{"type":"totp","id":"x"}}"#,
+            r#"{"type":"heartbeat","head":-1}"#,
+            r#"{"type":"change","seq":1,"at_ms":0,"ops":[{"op":"put","entity":{"type":"api_key","id":"k","tenant":"t","hash":"!!","scopes":[]}}]}"#,
+        ] {
+            assert!(serde_json::from_str::<ChangeLine>(bad).is_err(), "{bad}");
+            assert!(serde_json::from_str::<SnapshotLine>(bad).is_err(), "{bad}");
+        }
+    }
+}

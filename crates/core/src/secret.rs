@@ -6,7 +6,7 @@
 use std::fmt;
 
 use data_encoding::BASE32_NOPAD;
-use zeroize::{Zeroize, ZeroizeOnDrop};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::otp::Algorithm;
 
@@ -99,6 +99,15 @@ impl fmt::Display for Secret {
     }
 }
 
+/// A bearer token: `prefix` followed by 256 random bits in lowercase base32. It
+/// is shown once to its owner and stored only as a keyed hash.
+pub fn random_token(prefix: &str) -> Result<Zeroizing<String>, SecretError> {
+    let mut bytes = Zeroizing::new([0u8; 32]);
+    fill_random(bytes.as_mut())?;
+    let body = Zeroizing::new(BASE32_NOPAD.encode(bytes.as_ref()).to_ascii_lowercase());
+    Ok(Zeroizing::new(format!("{prefix}{}", body.as_str())))
+}
+
 /// Fill `buf` from the OS CSPRNG. This is the only system call core makes.
 pub(crate) fn fill_random(buf: &mut [u8]) -> Result<(), SecretError> {
     getrandom::fill(buf).map_err(|_| SecretError::Rng)
@@ -153,6 +162,15 @@ mod tests {
             Secret::from_base32(&"A".repeat(1000)),
             Err(SecretError::TooLong)
         );
+    }
+
+    #[test]
+    fn tokens_are_prefixed_and_random() {
+        let a = random_token("tfk_").unwrap();
+        let b = random_token("tfk_").unwrap();
+        assert!(a.starts_with("tfk_"));
+        assert_eq!(a.len(), 4 + 52);
+        assert_ne!(a, b);
     }
 
     #[test]
