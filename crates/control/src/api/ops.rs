@@ -1,0 +1,57 @@
+//! Operational endpoints: liveness, readiness, metrics, the OpenAPI document.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use serde_json::json;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Answers while the process is up.
+pub async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// Answers 200 when the database is reachable, 503 otherwise.
+pub async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    state
+        .blocking(|s| {
+            s.store.ping().map_err(|e| {
+                tracing::warn!(error = %e, "database not reachable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "database_unavailable",
+                    "the database is not reachable",
+                )
+            })
+        })
+        .await?;
+    Ok(Json(
+        json!({"status": "ready", "head_seq": state.store.head()}),
+    ))
+}
+
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    state.metrics.head_seq.set(state.store.head());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::not_found("route")
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method",
+    )
+}

@@ -1,0 +1,469 @@
+//! A tenant's users: TOTP enrolment and activation, backup codes, listing,
+//! deletion and unlocking. Callers are keys with the `manage` scope; the tenant is
+//! always the key's own.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use data_encoding::BASE64;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use twofold_core::backup::BackupCodes;
+use twofold_core::ids::{FactorId, Scope, UserId};
+use twofold_core::otp::{self, Algorithm, Digits, Period, Skew, TotpParams, Verdict};
+use twofold_core::qr;
+use twofold_core::seal::{Binding, Sealed};
+use twofold_core::secret::Secret;
+use twofold_core::uri::{KeyUri, Kind};
+
+use super::{ApiJson, ApiPath};
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::state::{AppState, rfc3339};
+use crate::store::{FactorRow, FactorStatus};
+
+fn user_id(raw: String) -> Result<UserId, ApiError> {
+    UserId::try_new(raw).map_err(|e| ApiError::bad_request("invalid_user", e.to_string()))
+}
+
+/// A factor id from the path; a malformed one is as missing as an unknown one.
+fn factor_id(raw: &str) -> Result<FactorId, ApiError> {
+    raw.parse().map_err(|_| ApiError::not_found("factor"))
+}
+
+/// A JSON body that may be left out entirely.
+fn optional_json<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid request body: {e}")))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Enroll {
+    issuer: Option<String>,
+    account: Option<String>,
+    algorithm: Option<String>,
+    digits: Option<u32>,
+    period: Option<u32>,
+    /// `svg` (the default), `png` (base64) or `none`.
+    qr: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Enrolled {
+    factor_id: String,
+    status: &'static str,
+    secret: String,
+    otpauth_uri: String,
+    algorithm: &'static str,
+    digits: u8,
+    period: u32,
+    expires_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    qr_svg: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    qr_png: Option<String>,
+}
+
+fn params_of(body: &Enroll) -> Result<TotpParams, ApiError> {
+    let bad = |e: otp::ParamError| ApiError::bad_request("invalid_parameter", e.to_string());
+    let mut params = TotpParams::default();
+    if let Some(a) = &body.algorithm {
+        params.algorithm = a.parse::<Algorithm>().map_err(bad)?;
+    }
+    if let Some(d) = body.digits {
+        let d = u8::try_from(d).map_err(|_| bad(otp::ParamError::Digits))?;
+        params.digits = Digits::try_new(d).map_err(bad)?;
+    }
+    if let Some(p) = body.period {
+        params.period = Period::try_new(p).map_err(bad)?;
+    }
+    Ok(params)
+}
+
+pub async fn enroll(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(user): ApiPath<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Enrolled>), ApiError> {
+    let tenant = caller.tenant_with(Scope::Manage)?.to_owned();
+    let user = user_id(user)?;
+    let body: Enroll = optional_json(&body)?;
+    let params = params_of(&body)?;
+    let qr_format = body.qr.as_deref().unwrap_or("svg");
+    if !["svg", "png", "none"].contains(&qr_format) {
+        return Err(ApiError::bad_request(
+            "invalid_parameter",
+            "qr must be svg, png or none",
+        ));
+    }
+    let issuer = body
+        .issuer
+        .clone()
+        .unwrap_or_else(|| state.config.default_issuer.clone());
+    let account = body.account.clone().unwrap_or_else(|| user.to_string());
+    let secret = Secret::generate(params.algorithm).map_err(ApiError::internal)?;
+    let uri = KeyUri::try_new(
+        Some(issuer.clone()),
+        account.clone(),
+        secret.clone(),
+        Kind::Totp(params),
+    )
+    .map_err(|e| ApiError::bad_request("invalid_parameter", e.to_string()))?;
+    let id = FactorId::generate().map_err(ApiError::internal)?;
+    let binding = Binding {
+        tenant: &tenant,
+        user: user.as_str(),
+        factor: id.as_str(),
+    };
+    let sealed = state
+        .config
+        .keyring
+        .seal_secret(&secret, &binding)
+        .map_err(ApiError::internal)?;
+    let uri_text = uri.to_uri();
+    let (qr_svg, qr_png) = match qr_format {
+        "svg" => (Some(qr::svg(&uri_text).map_err(ApiError::internal)?), None),
+        "png" => (
+            None,
+            Some(BASE64.encode(&qr::png(&uri_text).map_err(ApiError::internal)?)),
+        ),
+        _ => (None, None),
+    };
+
+    let now = state.clock.now_ms();
+    let expires = now + state.config.pending_ttl.as_millis() as i64;
+    let row = FactorRow {
+        id: id.to_string(),
+        tenant,
+        user: user.to_string(),
+        label: account,
+        issuer: Some(issuer),
+        algorithm: params.algorithm.as_str().to_owned(),
+        digits: params.digits.get(),
+        period: params.period.seconds(),
+        sealed: sealed.into_bytes(),
+        status: FactorStatus::Pending,
+        created_ms: now,
+        expires_ms: Some(expires),
+        activated_ms: None,
+        last_step: None,
+    };
+    let actor = caller.actor();
+    let max = state.config.max_totp_factors;
+    state
+        .blocking(move |s| Ok(s.store.insert_pending_totp(now, &actor, &row, max)?))
+        .await?;
+    tracing::info!(tenant = %caller.tenant_with(Scope::Manage)?, factor = %id, "totp factor enrolled");
+    Ok((
+        StatusCode::CREATED,
+        Json(Enrolled {
+            factor_id: id.to_string(),
+            status: "pending",
+            secret: secret.to_base32(),
+            otpauth_uri: uri_text,
+            algorithm: params.algorithm.as_str(),
+            digits: params.digits.get(),
+            period: params.period.seconds(),
+            expires_at: rfc3339(expires),
+            qr_svg,
+            qr_png,
+        }),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Activate {
+    code: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Factor {
+    id: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    status: &'static str,
+    label: String,
+    issuer: Option<String>,
+    algorithm: String,
+    digits: u8,
+    period: u32,
+    created_at: String,
+    activated_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<String>,
+}
+
+impl From<FactorRow> for Factor {
+    fn from(row: FactorRow) -> Factor {
+        Factor {
+            id: row.id,
+            kind: "totp",
+            status: match row.status {
+                FactorStatus::Active => "active",
+                FactorStatus::Pending => "pending",
+            },
+            label: row.label,
+            issuer: row.issuer,
+            algorithm: row.algorithm,
+            digits: row.digits,
+            period: row.period,
+            created_at: rfc3339(row.created_ms),
+            activated_at: row.activated_ms.map(rfc3339),
+            expires_at: row.expires_ms.map(rfc3339),
+        }
+    }
+}
+
+/// TOTP parameters of a stored factor; rows are only written from valid ones.
+fn stored_params(row: &FactorRow) -> Result<TotpParams, ApiError> {
+    Ok(TotpParams {
+        algorithm: row.algorithm.parse().map_err(ApiError::internal)?,
+        digits: Digits::try_new(row.digits).map_err(ApiError::internal)?,
+        period: Period::try_new(row.period).map_err(ApiError::internal)?,
+    })
+}
+
+pub async fn activate(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath((user, factor)): ApiPath<(String, String)>,
+    ApiJson(body): ApiJson<Activate>,
+) -> Result<Json<Factor>, ApiError> {
+    let tenant = caller.tenant_with(Scope::Manage)?.to_owned();
+    let user = user_id(user)?;
+    let factor = factor_id(&factor)?;
+    let now = state.clock.now_ms();
+    let row = {
+        let (tenant, user, factor) = (tenant.clone(), user.clone(), factor.clone());
+        state
+            .blocking(move |s| Ok(s.store.factor(&tenant, user.as_str(), factor.as_str())?))
+            .await?
+    };
+    match row.status {
+        FactorStatus::Active => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "factor_already_active",
+                "the factor is already active",
+            ));
+        }
+        FactorStatus::Pending if row.expires_ms.is_some_and(|e| e <= now) => {
+            return Err(ApiError::not_found("factor"));
+        }
+        FactorStatus::Pending => {}
+    }
+    let params = stored_params(&row)?;
+    let sealed = Sealed::from_bytes(&row.sealed).map_err(ApiError::internal)?;
+    let binding = Binding {
+        tenant: &tenant,
+        user: user.as_str(),
+        factor: factor.as_str(),
+    };
+    let secret = state
+        .config
+        .keyring
+        .open_secret(&sealed, &binding)
+        .map_err(ApiError::internal)?;
+    let step = match otp::verify_totp(
+        &secret,
+        &body.code,
+        (now / 1000) as u64,
+        params,
+        Skew::default(),
+        None,
+    ) {
+        Verdict::Valid { step } => step,
+        Verdict::Invalid => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_code",
+                "the code does not match; check the device's clock and try the current code",
+            ));
+        }
+        Verdict::Malformed => {
+            return Err(ApiError::bad_request(
+                "malformed_code",
+                format!("the code must be {} digits", params.digits.get()),
+            ));
+        }
+    };
+    let actor = caller.actor();
+    let row = state
+        .blocking(move |s| {
+            Ok(s.store
+                .activate_totp(now, &actor, &tenant, user.as_str(), factor.as_str(), step)?)
+        })
+        .await?;
+    tracing::info!(factor = %row.id, "totp factor activated");
+    Ok(Json(row.into()))
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackupSummary {
+    remaining: usize,
+    total: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct UserFactors {
+    user: String,
+    factors: Vec<Factor>,
+    backup_codes: Option<BackupSummary>,
+    locked: bool,
+    failures: u32,
+}
+
+pub async fn list_factors(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(user): ApiPath<String>,
+) -> Result<Json<UserFactors>, ApiError> {
+    let tenant = caller.tenant_with(Scope::Manage)?.to_owned();
+    let user = user_id(user)?;
+    let now = state.clock.now_ms();
+    let (factors, backup, user_state) = {
+        let user = user.clone();
+        state
+            .blocking(move |s| {
+                let factors = s.store.list_factors(now, &tenant, user.as_str())?;
+                let backup = s.store.backup_summary(&tenant, user.as_str())?;
+                let user_state = s.store.user_state(&tenant, user.as_str())?;
+                Ok((factors, backup, user_state))
+            })
+            .await?
+    };
+    if factors.is_empty() && backup.is_none() {
+        return Err(ApiError::not_found("user"));
+    }
+    Ok(Json(UserFactors {
+        user: user.to_string(),
+        factors: factors.into_iter().map(Factor::from).collect(),
+        backup_codes: backup.map(|b| BackupSummary {
+            remaining: b.remaining,
+            total: b.total,
+        }),
+        locked: user_state.locked,
+        failures: user_state.failures,
+    }))
+}
+
+pub async fn delete_factor(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath((user, factor)): ApiPath<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let tenant = caller.tenant_with(Scope::Manage)?.to_owned();
+    let user = user_id(user)?;
+    let factor = factor_id(&factor)?;
+    let now = state.clock.now_ms();
+    let actor = caller.actor();
+    state
+        .blocking(move |s| {
+            Ok(s.store
+                .delete_factor(now, &actor, &tenant, user.as_str(), factor.as_str())?)
+        })
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn delete_user(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(user): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    let tenant = caller.tenant_with(Scope::Manage)?.to_owned();
+    let user = user_id(user)?;
+    let now = state.clock.now_ms();
+    let actor = caller.actor();
+    state
+        .blocking(move |s| Ok(s.store.delete_user(now, &actor, &tenant, user.as_str())?))
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Serialize)]
+pub struct NewBackupCodes {
+    set_id: String,
+    codes: Vec<String>,
+}
+
+pub async fn generate_backup_codes(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(user): ApiPath<String>,
+) -> Result<(StatusCode, Json<NewBackupCodes>), ApiError> {
+    let tenant = caller.tenant_with(Scope::Manage)?.to_owned();
+    let user = user_id(user)?;
+    let codes = BackupCodes::generate().map_err(ApiError::internal)?;
+    let hashes = codes.hashes(state.config.keyring.hash_key());
+    let set_id = FactorId::generate()
+        .map_err(ApiError::internal)?
+        .to_string();
+    let now = state.clock.now_ms();
+    let actor = caller.actor();
+    {
+        let set_id = set_id.clone();
+        state
+            .blocking(move |s| {
+                Ok(s.store.replace_backup_codes(
+                    now,
+                    &actor,
+                    &tenant,
+                    user.as_str(),
+                    &set_id,
+                    hashes,
+                )?)
+            })
+            .await?;
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(NewBackupCodes {
+            set_id,
+            codes: codes
+                .as_slice()
+                .iter()
+                .map(|c| c.expose().to_owned())
+                .collect(),
+        }),
+    ))
+}
+
+pub async fn backup_codes_summary(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(user): ApiPath<String>,
+) -> Result<Json<BackupSummary>, ApiError> {
+    let tenant = caller.tenant_with(Scope::Manage)?.to_owned();
+    let user = user_id(user)?;
+    let summary = state
+        .blocking(move |s| Ok(s.store.backup_summary(&tenant, user.as_str())?))
+        .await?
+        .ok_or_else(|| ApiError::not_found("backup codes"))?;
+    Ok(Json(BackupSummary {
+        remaining: summary.remaining,
+        total: summary.total,
+    }))
+}
+
+pub async fn unlock(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(user): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    let tenant = caller.tenant_with(Scope::Manage)?.to_owned();
+    let user = user_id(user)?;
+    let now = state.clock.now_ms();
+    let actor = caller.actor();
+    state
+        .blocking(move |s| Ok(s.store.unlock_user(now, &actor, &tenant, user.as_str())?))
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}

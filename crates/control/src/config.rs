@@ -1,0 +1,53 @@
+//! Control-plane settings, with their defaults. The `twofold` binary fills them
+//! from flags, the environment and a file; tests build them directly.
+
+use std::time::Duration;
+
+use twofold_core::seal::Keyring;
+
+/// How long an enrolled factor may wait for its first code.
+pub const DEFAULT_PENDING_TTL: Duration = Duration::from_secs(10 * 60);
+/// TOTP factors one user may hold (for example a phone and a spare).
+pub const DEFAULT_MAX_TOTP_FACTORS: usize = 5;
+/// Changes kept in the log, counted back from the head.
+pub const DEFAULT_RETAIN_CHANGES: u64 = 1_000_000;
+/// Changes older than this are dropped from the log (the newest is always kept).
+pub const DEFAULT_RETAIN_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How often an idle change stream says it is alive.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+/// Largest request body accepted.
+pub const DEFAULT_BODY_LIMIT: usize = 64 * 1024;
+/// Issuer shown in authenticator apps when enrolment names none.
+pub const DEFAULT_ISSUER: &str = "Twofold";
+
+/// Everything the control plane needs to run, apart from where it listens.
+#[derive(Debug)]
+pub struct Config {
+    /// Seals TOTP secrets and keys the hashes of API keys and backup codes.
+    pub keyring: Keyring,
+    /// If set, the operator token; its hash replaces any stored one.
+    pub operator_token: Option<String>,
+    pub pending_ttl: Duration,
+    pub max_totp_factors: usize,
+    pub retain_changes: u64,
+    pub retain_age: Duration,
+    pub heartbeat: Duration,
+    pub body_limit: usize,
+    pub default_issuer: String,
+}
+
+impl Config {
+    pub fn new(keyring: Keyring) -> Config {
+        Config {
+            keyring,
+            operator_token: None,
+            pending_ttl: DEFAULT_PENDING_TTL,
+            max_totp_factors: DEFAULT_MAX_TOTP_FACTORS,
+            retain_changes: DEFAULT_RETAIN_CHANGES,
+            retain_age: DEFAULT_RETAIN_AGE,
+            heartbeat: DEFAULT_HEARTBEAT,
+            body_limit: DEFAULT_BODY_LIMIT,
+            default_issuer: DEFAULT_ISSUER.to_owned(),
+        }
+    }
+}
