@@ -109,11 +109,27 @@ pub enum Entity {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EntityKey {
-    Tenant { id: String },
-    ApiKey { id: String },
-    Totp { id: String },
-    BackupCodes { tenant: String, user: String },
-    UserState { tenant: String, user: String },
+    Tenant {
+        id: String,
+    },
+    ApiKey {
+        id: String,
+    },
+    /// Owner fields are part of a factor's key (they never change), so a node can
+    /// find the factor to delete without an index from factor id to user.
+    Totp {
+        tenant: String,
+        user: String,
+        id: String,
+    },
+    BackupCodes {
+        tenant: String,
+        user: String,
+    },
+    UserState {
+        tenant: String,
+        user: String,
+    },
 }
 
 impl Entity {
@@ -121,7 +137,11 @@ impl Entity {
         match self {
             Entity::Tenant(t) => EntityKey::Tenant { id: t.id.clone() },
             Entity::ApiKey(k) => EntityKey::ApiKey { id: k.id.clone() },
-            Entity::Totp(f) => EntityKey::Totp { id: f.id.clone() },
+            Entity::Totp(f) => EntityKey::Totp {
+                tenant: f.tenant.clone(),
+                user: f.user.clone(),
+                id: f.id.clone(),
+            },
             Entity::BackupCodes(b) => EntityKey::BackupCodes {
                 tenant: b.tenant.clone(),
                 user: b.user.clone(),
@@ -166,7 +186,9 @@ pub struct Change {
 pub enum ChangeLine {
     Change(Change),
     /// Sent every few seconds: the stream is alive and the log's head is `head`.
-    Heartbeat { head: u64 },
+    Heartbeat {
+        head: u64,
+    },
 }
 
 /// One line of `GET /v1/feed/snapshot`: a header, entities, then a trailer.
@@ -174,10 +196,74 @@ pub enum ChangeLine {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum SnapshotLine {
     /// The snapshot holds the state as of `seq`; tail the changes after it.
-    Begin { seq: u64 },
-    Entity { entity: Entity },
+    Begin {
+        seq: u64,
+    },
+    Entity {
+        entity: Entity,
+    },
     /// `count` entities were sent, and their digest is `digest`.
-    End { seq: u64, count: u64, digest: String },
+    End {
+        seq: u64,
+        count: u64,
+        digest: String,
+    },
+}
+
+/// A runtime event produced on a data plane, reported to the control plane so it
+/// reaches every other node through the feed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum UsageEvent {
+    /// A TOTP code for `step` was accepted: no step up to it may be used again.
+    TotpAccepted {
+        tenant: String,
+        user: String,
+        factor: String,
+        step: u64,
+    },
+    /// Backup code `index` of set `set_id` was used.
+    BackupCodeUsed {
+        tenant: String,
+        user: String,
+        set_id: String,
+        index: u32,
+    },
+    /// A verification failed at Unix time `at` (seconds).
+    Failure {
+        tenant: String,
+        user: String,
+        at: u64,
+    },
+    /// A verification succeeded: the failure count starts again.
+    Success { tenant: String, user: String },
+}
+
+/// A usage event with its id in the reporting node's outbox. Ids only grow, so
+/// the control plane skips events it has already merged and a retried report is
+/// harmless.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NumberedEvent {
+    pub id: u64,
+    #[serde(flatten)]
+    pub event: UsageEvent,
+}
+
+/// Body of `POST /v1/feed/usage`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageReport {
+    /// The reporting node's id, stable across its restarts.
+    pub node: String,
+    pub events: Vec<NumberedEvent>,
+}
+
+/// Answer to a usage report: events up to `through` are merged, and the merged
+/// state is in the change log at or before `seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageAck {
+    pub through: u64,
+    pub seq: u64,
 }
 
 /// An order-independent digest of a set of entities: the sum modulo 2^256 of the

@@ -8,6 +8,10 @@ use data_encoding::BASE32_NOPAD;
 
 use crate::secret::{SecretError, fill_random};
 
+/// Hash domain of API keys: both planes hash a presented key with the
+/// [`HashKey`](crate::seal::HashKey) under this domain and look the hash up.
+pub const API_KEY_HASH_DOMAIN: &str = "api-key";
+
 /// Longest user id accepted, in bytes.
 pub const MAX_USER_LEN: usize = 256;
 
@@ -183,7 +187,13 @@ mod tests {
         assert_eq!(id.as_str().parse::<FactorId>().unwrap(), id);
         assert_ne!(FactorId::generate().unwrap(), id);
         assert!("tn_aaaaaaaaaaaaaaaa".parse::<TenantId>().is_ok());
-        for bad in ["", "fa_", "tn_aaaaaaaaaaaaaaaa", "fa_AAAAAAAAAAAAAAAA", "fa_aaaa"] {
+        for bad in [
+            "",
+            "fa_",
+            "tn_aaaaaaaaaaaaaaaa",
+            "fa_AAAAAAAAAAAAAAAA",
+            "fa_aaaa",
+        ] {
             assert_eq!(bad.parse::<FactorId>(), Err(IdError::Malformed("factor")));
         }
     }

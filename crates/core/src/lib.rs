@@ -8,8 +8,9 @@
 //! - [`backup`]: single-use backup (recovery) codes and their keyed hashes.
 //! - [`seal`]: authenticated encryption of secrets at rest, bound to their owner.
 //! - [`ids`]: validated identifiers (tenants, users, factors, keys).
+//! - [`throttle`]: the policy for throttling and locking users after failures.
 //! - [`feed`]: the records the control plane publishes and data planes apply, and
-//!   the digest both compute over them.
+//!   the digest both compute over them, and the usage events data planes report.
 //!
 //! # Invariants
 //!
@@ -24,4 +25,5 @@ pub mod otp;
 pub mod qr;
 pub mod seal;
 pub mod secret;
+pub mod throttle;
 pub mod uri;

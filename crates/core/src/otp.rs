@@ -300,7 +300,14 @@ pub fn verify_totp(
     let now = params.step_at(unix_time);
     let lowest = now.saturating_sub(u64::from(skew.behind));
     let highest = now.saturating_add(u64::from(skew.ahead));
-    verify_range(secret, code, params.hotp(), now, lowest..=highest, last_step)
+    verify_range(
+        secret,
+        code,
+        params.hotp(),
+        now,
+        lowest..=highest,
+        last_step,
+    )
 }
 
 /// Verify an HOTP code against counters `counter ..= counter + look_ahead`.
@@ -337,7 +344,10 @@ fn verify_range(
             .ct_eq(code.as_str().as_bytes())
             .into();
         let eligible = last_used.is_none_or(|last| step > last);
-        if matched && eligible && best.is_none_or(|b| step.abs_diff(preferred) < b.abs_diff(preferred)) {
+        if matched
+            && eligible
+            && best.is_none_or(|b| step.abs_diff(preferred) < b.abs_diff(preferred))
+        {
             best = Some(step);
         }
     }

@@ -67,7 +67,9 @@ impl Secret {
             cleaned.zeroize();
             return Err(SecretError::TooLong);
         }
-        let decoded = BASE32_NOPAD.decode(&cleaned).map_err(|_| SecretError::Base32);
+        let decoded = BASE32_NOPAD
+            .decode(&cleaned)
+            .map_err(|_| SecretError::Base32);
         cleaned.zeroize();
         let mut bytes = decoded?;
         let secret = Secret::from_bytes(&bytes);

@@ -3,9 +3,7 @@
 //! The files in `testdata/` were cross-checked against an independent
 //! implementation (oathtool).
 
-use twofold_core::otp::{
-    self, Algorithm, Digits, HotpParams, Period, Skew, TotpParams, Verdict,
-};
+use twofold_core::otp::{self, Algorithm, Digits, HotpParams, Period, Skew, TotpParams, Verdict};
 use twofold_core::secret::Secret;
 
 /// Data lines of a vector file, split on tabs; `#` lines are comments.
@@ -18,7 +16,11 @@ fn rows(text: &'static str) -> impl Iterator<Item = Vec<&'static str>> {
 /// One vector: generation gives `expected`, verification at the same moment
 /// returns `step`, and a neighbouring code is not accepted for it.
 fn check(secret: &Secret, params: TotpParams, unix_time: u64, expected: &str) {
-    assert_eq!(otp::totp(secret, unix_time, params), expected, "t={unix_time}");
+    assert_eq!(
+        otp::totp(secret, unix_time, params),
+        expected,
+        "t={unix_time}"
+    );
     let step = params.step_at(unix_time);
     assert_eq!(
         otp::verify_totp(secret, expected, unix_time, params, Skew::default(), None),
