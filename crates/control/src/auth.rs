@@ -11,7 +11,7 @@ use crate::store::{Actor, KeyRow};
 
 /// Hash domains keep an operator token from ever matching an API key's hash.
 pub const OPERATOR_DOMAIN: &str = "operator-token";
-pub const API_KEY_DOMAIN: &str = "api-key";
+pub const API_KEY_DOMAIN: &str = twofold_core::ids::API_KEY_HASH_DOMAIN;
 /// Token prefixes tell a reader what a leaked string is.
 pub const OPERATOR_PREFIX: &str = "tfo_";
 pub const API_KEY_PREFIX: &str = "tfk_";

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use twofold_core::seal::Keyring;
+use twofold_core::throttle::ThrottlePolicy;
 
 /// How long an enrolled factor may wait for its first code.
 pub const DEFAULT_PENDING_TTL: Duration = Duration::from_secs(10 * 60);
@@ -34,6 +35,8 @@ pub struct Config {
     pub heartbeat: Duration,
     pub body_limit: usize,
     pub default_issuer: String,
+    /// Applied when merging data planes' failure reports; must match theirs.
+    pub throttle: ThrottlePolicy,
 }
 
 impl Config {
@@ -48,6 +51,7 @@ impl Config {
             heartbeat: DEFAULT_HEARTBEAT,
             body_limit: DEFAULT_BODY_LIMIT,
             default_issuer: DEFAULT_ISSUER.to_owned(),
+            throttle: ThrottlePolicy::default(),
         }
     }
 }

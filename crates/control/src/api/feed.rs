@@ -13,8 +13,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use twofold_core::feed::{ChangeLine, SnapshotLine};
+use utoipa::{IntoParams, ToSchema};
 
 use super::ApiQuery;
+use super::openapi::ErrorBody;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -74,6 +76,20 @@ fn ndjson(state: &AppState, rx: mpsc::Receiver<Bytes>) -> Response {
 
 /// `GET /v1/feed/snapshot`: every replicated entity as of one seq, streamed from a
 /// single read transaction, ending with a trailer that holds the count and digest.
+#[utoipa::path(
+    get,
+    path = "/v1/feed/snapshot",
+    tag = "feed",
+    operation_id = "feed_snapshot",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "NDJSON, one snapshot line each (see docs/feed.md); a stream without its `end` trailer is incomplete",
+            content_type = "application/x-ndjson", body = String,
+            headers(("twofold-log-id" = String, description = "the change log this snapshot belongs to"))),
+        (status = 401, description = "missing or invalid credentials", body = ErrorBody),
+        (status = 403, description = "the caller is neither the operator nor a key with the `replicate` scope", body = ErrorBody),
+    ),
+)]
 pub async fn snapshot(State(state): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
     caller.require_replicate()?;
     let (tx, rx) = mpsc::channel::<Bytes>(8);
@@ -98,8 +114,9 @@ pub async fn snapshot(State(state): State<AppState>, caller: Caller) -> Result<R
     Ok(ndjson(&state, rx))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ChangesQuery {
     /// The last seq the node has applied.
     after: u64,
@@ -110,6 +127,23 @@ pub struct ChangesQuery {
 /// `GET /v1/feed/changes?after=S`: the changes after S in order, then new ones as
 /// they commit, with a heartbeat carrying the head when idle. `410 Gone` if the
 /// changes after S are no longer all in the log.
+#[utoipa::path(
+    get,
+    path = "/v1/feed/changes",
+    tag = "feed",
+    operation_id = "feed_changes",
+    security(("bearer" = [])),
+    params(ChangesQuery),
+    responses(
+        (status = 200, description = "NDJSON, one change or heartbeat line each (see docs/feed.md), open until the client leaves",
+            content_type = "application/x-ndjson", body = String,
+            headers(("twofold-log-id" = String, description = "the change log these changes belong to"))),
+        (status = 400, description = "invalid_query", body = ErrorBody),
+        (status = 401, description = "missing or invalid credentials", body = ErrorBody),
+        (status = 403, description = "the caller is neither the operator nor a key with the `replicate` scope", body = ErrorBody),
+        (status = 410, description = "feed_gone: the changes after this seq are no longer in the log; take a snapshot", body = ErrorBody),
+    ),
+)]
 pub async fn changes(
     State(state): State<AppState>,
     caller: Caller,
@@ -213,7 +247,7 @@ async fn stream_changes(
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Digest {
     seq: u64,
     count: u64,
@@ -222,6 +256,18 @@ pub struct Digest {
 
 /// `GET /v1/feed/digest`: the digest of the replicated state and the seq it is as
 /// of. A replica at the same seq computes the same value.
+#[utoipa::path(
+    get,
+    path = "/v1/feed/digest",
+    tag = "feed",
+    operation_id = "feed_digest",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "the digest of the replicated state and the seq it is as of", body = Digest),
+        (status = 401, description = "missing or invalid credentials", body = ErrorBody),
+        (status = 403, description = "the caller is neither the operator nor a key with the `replicate` scope", body = ErrorBody),
+    ),
+)]
 pub async fn digest(
     State(state): State<AppState>,
     caller: Caller,

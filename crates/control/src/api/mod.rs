@@ -2,16 +2,19 @@
 
 mod audit;
 mod feed;
+pub mod openapi;
 mod ops;
 mod tenants;
+mod usage;
 mod users;
 
 use axum::Router;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts};
 use axum::http::StatusCode;
-use axum::routing::{delete, get, post};
 use tower_http::timeout::TimeoutLayer;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -46,57 +49,62 @@ impl From<QueryRejection> for ApiError {
 /// How long a plain (non-streaming) request may take before it is answered 503.
 const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// The whole control-plane application. Tests call it directly; `serve` puts it
-/// on a socket.
-pub fn app(state: AppState) -> Router {
-    let api = Router::new()
-        .route("/v1/tenants", post(tenants::create).get(tenants::list))
-        .route("/v1/tenants/{tenant}", get(tenants::show))
-        .route(
-            "/v1/tenants/{tenant}/keys",
-            post(tenants::create_key).get(tenants::list_keys),
-        )
-        .route(
-            "/v1/tenants/{tenant}/keys/{key}",
-            delete(tenants::revoke_key),
-        )
-        .route(
-            "/v1/node-keys",
-            post(tenants::create_node_key).get(tenants::list_node_keys),
-        )
-        .route("/v1/node-keys/{key}", delete(tenants::revoke_node_key))
-        .route("/v1/users/{user}", delete(users::delete_user))
-        .route("/v1/users/{user}/totp", post(users::enroll))
-        .route(
-            "/v1/users/{user}/totp/{factor}/activate",
-            post(users::activate),
-        )
-        .route("/v1/users/{user}/factors", get(users::list_factors))
-        .route(
-            "/v1/users/{user}/factors/{factor}",
-            delete(users::delete_factor),
-        )
-        .route(
-            "/v1/users/{user}/backup-codes",
-            post(users::generate_backup_codes).get(users::backup_codes_summary),
-        )
-        .route("/v1/users/{user}/unlock", post(users::unlock))
-        .route("/v1/audit", get(audit::page))
-        .route("/v1/feed/digest", get(feed::digest))
+/// Every route with its OpenAPI operation. The router and the document are both
+/// built from this one list, so neither can hold a route the other lacks; add a
+/// route here with `routes!`, never with a bare `route`.
+pub fn routes() -> OpenApiRouter<AppState> {
+    let api = OpenApiRouter::new()
+        .routes(routes!(tenants::create, tenants::list))
+        .routes(routes!(tenants::show))
+        .routes(routes!(tenants::create_key, tenants::list_keys))
+        .routes(routes!(tenants::revoke_key))
+        .routes(routes!(tenants::create_node_key, tenants::list_node_keys))
+        .routes(routes!(tenants::revoke_node_key))
+        .routes(routes!(users::delete_user))
+        .routes(routes!(users::enroll))
+        .routes(routes!(users::activate))
+        .routes(routes!(users::list_factors))
+        .routes(routes!(users::delete_factor))
+        .routes(routes!(
+            users::generate_backup_codes,
+            users::backup_codes_summary
+        ))
+        .routes(routes!(users::unlock))
+        .routes(routes!(audit::page))
+        .routes(routes!(feed::digest))
+        .routes({
+            // Usage reports carry many events; they get a larger body limit.
+            let (schemas, paths, router) = routes!(usage::report);
+            (
+                schemas,
+                paths,
+                router.layer(DefaultBodyLimit::max(usage::BODY_LIMIT)),
+            )
+        })
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
             REQUEST_TIMEOUT,
         ));
     // Feed streams are long-lived, so they sit outside the request timeout.
-    let streams = Router::new()
-        .route("/v1/feed/snapshot", get(feed::snapshot))
-        .route("/v1/feed/changes", get(feed::changes));
-    Router::new()
+    let streams = OpenApiRouter::new()
+        .routes(routes!(feed::snapshot))
+        .routes(routes!(feed::changes));
+    let mut all = OpenApiRouter::with_openapi(openapi::base())
         .merge(api)
         .merge(streams)
-        .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
+        .routes(routes!(ops::healthz))
+        .routes(routes!(ops::readyz))
+        .routes(routes!(ops::metrics))
+        .routes(routes!(openapi::serve));
+    openapi::add_server_errors(all.get_openapi_mut());
+    all
+}
+
+/// The whole control-plane application. Tests call it directly; `serve` puts it
+/// on a socket.
+pub fn app(state: AppState) -> Router {
+    let (router, _document) = routes().split_for_parts();
+    router
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(

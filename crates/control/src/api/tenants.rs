@@ -6,7 +6,9 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use twofold_core::ids::{ApiKeyId, Scope, TenantId};
 use twofold_core::secret::random_token;
+use utoipa::ToSchema;
 
+use super::openapi::ErrorBody;
 use super::{ApiJson, ApiPath};
 use crate::auth::{API_KEY_DOMAIN, API_KEY_PREFIX, Caller};
 use crate::error::ApiError;
@@ -16,13 +18,14 @@ use crate::store::{KeyRow, TenantRow};
 /// Longest tenant or key name, in bytes.
 const MAX_NAME_LEN: usize = 128;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTenant {
+    /// 1 to 128 bytes, without control characters.
     name: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Tenant {
     id: String,
     name: String,
@@ -39,7 +42,7 @@ impl From<TenantRow> for Tenant {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct TenantList {
     tenants: Vec<Tenant>,
 }
@@ -59,6 +62,23 @@ fn tenant_id(raw: &str) -> Result<TenantId, ApiError> {
     raw.parse().map_err(|_| ApiError::not_found("tenant"))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/tenants",
+    tag = "tenants",
+    operation_id = "create_tenant",
+    security(("bearer" = [])),
+    request_body = CreateTenant,
+    responses(
+        (status = 201, description = "the tenant was created", body = Tenant),
+        (status = 400, description = "invalid_name or invalid_json", body = ErrorBody),
+        (status = 401, description = "missing or invalid credentials", body = ErrorBody),
+        (status = 403, description = "the caller is not the operator", body = ErrorBody),
+        (status = 413, description = "body_too_large", body = ErrorBody),
+        (status = 415, description = "the body is not declared as application/json", body = ErrorBody),
+        (status = 422, description = "the body does not match the schema", body = ErrorBody),
+    ),
+)]
 pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
@@ -84,6 +104,18 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(row.into())))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/tenants",
+    tag = "tenants",
+    operation_id = "list_tenants",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "every tenant", body = TenantList),
+        (status = 401, description = "missing or invalid credentials", body = ErrorBody),
+        (status = 403, description = "the caller is not the operator", body = ErrorBody),
+    ),
+)]
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -95,6 +127,20 @@ pub async fn list(
     }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/tenants/{tenant}",
+    tag = "tenants",
+    operation_id = "show_tenant",
+    security(("bearer" = [])),
+    params(("tenant" = String, Path, description = "tenant id")),
+    responses(
+        (status = 200, description = "the tenant", body = Tenant),
+        (status = 401, description = "missing or invalid credentials", body = ErrorBody),
+        (status = 403, description = "the caller is not the operator", body = ErrorBody),
+        (status = 404, description = "no such tenant", body = ErrorBody),
+    ),
+)]
 pub async fn show(
     State(state): State<AppState>,
     caller: Caller,
@@ -108,15 +154,17 @@ pub async fn show(
     Ok(Json(row.into()))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKey {
     #[serde(default)]
     name: Option<String>,
+    /// `manage`, `verify` or both.
+    #[schema(example = json!(["verify"]))]
     scopes: Vec<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateNodeKey {
     #[serde(default)]
@@ -124,7 +172,7 @@ pub struct CreateNodeKey {
 }
 
 /// A key as listed: never its secret.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Key {
     id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -149,14 +197,14 @@ impl From<KeyRow> for Key {
 }
 
 /// A key just created: the only time its secret is shown.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct NewKey {
     #[serde(flatten)]
     key: Key,
     secret: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct KeyList {
     keys: Vec<Key>,
 }
@@ -232,6 +280,25 @@ async fn issue_key(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/tenants/{tenant}/keys",
+    tag = "tenants",
+    operation_id = "create_tenant_key",
+    security(("bearer" = [])),
+    params(("tenant" = String, Path, description = "tenant id")),
+    request_body = CreateKey,
+    responses(
+        (status = 201, description = "the key was created; its secret is shown only now", body = NewKey),
+        (status = 400, description = "invalid_scope, invalid_name or invalid_json", body = ErrorBody),
+        (status = 401, description = "missing or invalid credentials", body = ErrorBody),
+        (status = 403, description = "the caller is not the operator", body = ErrorBody),
+        (status = 404, description = "no such tenant", body = ErrorBody),
+        (status = 413, description = "body_too_large", body = ErrorBody),
+        (status = 415, description = "the body is not declared as application/json", body = ErrorBody),
+        (status = 422, description = "the body does not match the schema", body = ErrorBody),
+    ),
+)]
 pub async fn create_key(
     State(state): State<AppState>,
     caller: Caller,
@@ -244,6 +311,22 @@ pub async fn create_key(
     issue_key(&state, &caller, Some(tenant.to_string()), body.name, scopes).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/node-keys",
+    tag = "node-keys",
+    security(("bearer" = [])),
+    request_body = CreateNodeKey,
+    responses(
+        (status = 201, description = "the node key (scope `replicate`) was created; its secret is shown only now", body = NewKey),
+        (status = 400, description = "invalid_name or invalid_json", body = ErrorBody),
+        (status = 401, description = "missing or invalid credentials", body = ErrorBody),
+        (status = 403, description = "the caller is not the operator", body = ErrorBody),
+        (status = 413, description = "body_too_large", body = ErrorBody),
+        (status = 415, description = "the body is not declared as application/json", body = ErrorBody),
+        (status = 422, description = "the body does not match the schema", body = ErrorBody),
+    ),
+)]
 pub async fn create_node_key(
     State(state): State<AppState>,
     caller: Caller,
@@ -262,6 +345,20 @@ async fn keys_of(state: &AppState, tenant: Option<String>) -> Result<Json<KeyLis
     }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/tenants/{tenant}/keys",
+    tag = "tenants",
+    operation_id = "list_tenant_keys",
+    security(("bearer" = [])),
+    params(("tenant" = String, Path, description = "tenant id")),
+    responses(
+        (status = 200, description = "the tenant's keys, revoked ones included", body = KeyList),
+        (status = 401, description = "missing or invalid credentials", body = ErrorBody),
+        (status = 403, description = "the caller is not the operator", body = ErrorBody),
+        (status = 404, description = "no such tenant", body = ErrorBody),
+    ),
+)]
 pub async fn list_keys(
     State(state): State<AppState>,
     caller: Caller,
@@ -271,6 +368,17 @@ pub async fn list_keys(
     keys_of(&state, Some(tenant_id(&tenant)?.to_string())).await
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/node-keys",
+    tag = "node-keys",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "every node key, revoked ones included", body = KeyList),
+        (status = 401, description = "missing or invalid credentials", body = ErrorBody),
+        (status = 403, description = "the caller is not the operator", body = ErrorBody),
+    ),
+)]
 pub async fn list_node_keys(
     State(state): State<AppState>,
     caller: Caller,
@@ -296,6 +404,23 @@ async fn revoke(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/tenants/{tenant}/keys/{key}",
+    tag = "tenants",
+    operation_id = "revoke_tenant_key",
+    security(("bearer" = [])),
+    params(
+        ("tenant" = String, Path, description = "tenant id"),
+        ("key" = String, Path, description = "key id"),
+    ),
+    responses(
+        (status = 204, description = "the key is revoked (revoking twice is not an error)"),
+        (status = 401, description = "missing or invalid credentials", body = ErrorBody),
+        (status = 403, description = "the caller is not the operator", body = ErrorBody),
+        (status = 404, description = "no such tenant, or no such key in it", body = ErrorBody),
+    ),
+)]
 pub async fn revoke_key(
     State(state): State<AppState>,
     caller: Caller,
@@ -305,6 +430,19 @@ pub async fn revoke_key(
     revoke(&state, &caller, Some(tenant_id(&tenant)?.to_string()), key).await
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/node-keys/{key}",
+    tag = "node-keys",
+    security(("bearer" = [])),
+    params(("key" = String, Path, description = "node key id")),
+    responses(
+        (status = 204, description = "the node key is revoked (revoking twice is not an error)"),
+        (status = 401, description = "missing or invalid credentials", body = ErrorBody),
+        (status = 403, description = "the caller is not the operator", body = ErrorBody),
+        (status = 404, description = "no such node key", body = ErrorBody),
+    ),
+)]
 pub async fn revoke_node_key(
     State(state): State<AppState>,
     caller: Caller,

@@ -5,6 +5,7 @@
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
 use data_encoding::BASE64;
 use serde::de::DeserializeOwned;
@@ -16,7 +17,9 @@ use twofold_core::qr;
 use twofold_core::seal::{Binding, Sealed};
 use twofold_core::secret::Secret;
 use twofold_core::uri::{KeyUri, Kind};
+use utoipa::ToSchema;
 
+use super::openapi::ErrorBody;
 use super::{ApiJson, ApiPath};
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -41,19 +44,27 @@ fn optional_json<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T, ApiEr
         .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid request body: {e}")))
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// Every field is optional, and so is the whole body.
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Enroll {
+    /// Shown in the authenticator app; the server's default issuer if absent.
     issuer: Option<String>,
+    /// Shown in the authenticator app; the user id if absent.
     account: Option<String>,
+    /// `SHA1` (the default), `SHA256` or `SHA512`.
     algorithm: Option<String>,
+    /// 6 (the default) to 8.
+    #[schema(minimum = 6, maximum = 8)]
     digits: Option<u32>,
+    /// Seconds per code; 30 by default.
+    #[schema(minimum = 15, maximum = 300)]
     period: Option<u32>,
     /// `svg` (the default), `png` (base64) or `none`.
     qr: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Enrolled {
     factor_id: String,
     status: &'static str,
@@ -85,15 +96,39 @@ fn params_of(body: &Enroll) -> Result<TotpParams, ApiError> {
     Ok(params)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/users/{user}/totp",
+    tag = "users",
+    operation_id = "enroll_totp",
+    security(("bearer" = [])),
+    params(("user" = String, Path, description = "the user, as the tenant names it")),
+    // A reference rather than `Option<Enroll>`, which would offer `null`: the body
+    // is either absent or an object. `openapi.rs` registers the schema.
+    request_body(
+        content = ref("#/components/schemas/Enroll"),
+        description = "optional; an empty body takes every default",
+        content_type = "application/json",
+    ),
+    responses(
+        (status = 201, description = "a pending factor; activate it with a code within the pending TTL", body = Enrolled),
+        (status = 400, description = "invalid_user, invalid_parameter or invalid_json", body = ErrorBody),
+        (status = 401, description = "missing or invalid credentials", body = ErrorBody),
+        (status = 403, description = "the caller is not a key with the `manage` scope", body = ErrorBody),
+        (status = 409, description = "too_many_factors", body = ErrorBody),
+        (status = 413, description = "body_too_large", body = ErrorBody),
+    ),
+)]
 pub async fn enroll(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(user): ApiPath<String>,
-    body: Bytes,
+    // Taken as a `Result` so an oversized body answers in the API's error format.
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Enrolled>), ApiError> {
     let tenant = caller.tenant_with(Scope::Manage)?.to_owned();
     let user = user_id(user)?;
-    let body: Enroll = optional_json(&body)?;
+    let body: Enroll = optional_json(&body?)?;
     let params = params_of(&body)?;
     let qr_format = body.qr.as_deref().unwrap_or("svg");
     if !["svg", "png", "none"].contains(&qr_format) {
@@ -106,7 +141,11 @@ pub async fn enroll(
         .issuer
         .clone()
         .unwrap_or_else(|| state.config.default_issuer.clone());
-    let account = body.account.clone().unwrap_or_else(|| user.to_string());
+    // A user id may carry spaces at its ends, which an account name may not.
+    let account = body
+        .account
+        .clone()
+        .unwrap_or_else(|| user.as_str().trim().to_owned());
     let secret = Secret::generate(params.algorithm).map_err(ApiError::internal)?;
     let uri = KeyUri::try_new(
         Some(issuer.clone()),
@@ -177,13 +216,15 @@ pub async fn enroll(
     ))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Activate {
+    /// The current code from the authenticator app.
+    #[schema(example = "123456")]
     code: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Factor {
     id: String,
     #[serde(rename = "type")]
@@ -230,6 +271,28 @@ fn stored_params(row: &FactorRow) -> Result<TotpParams, ApiError> {
     })
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/users/{user}/totp/{factor}/activate",
+    tag = "users",
+    operation_id = "activate_totp",
+    security(("bearer" = [])),
+    params(("user" = String, Path, description = "the user, as the tenant names it"),
+        ("factor" = String, Path, description = "factor id"),
+    ),
+    request_body = Activate,
+    responses(
+        (status = 200, description = "the factor is active", body = Factor),
+        (status = 400, description = "invalid_user, malformed_code or invalid_json", body = ErrorBody),
+        (status = 401, description = "missing or invalid credentials", body = ErrorBody),
+        (status = 403, description = "the caller is not a key with the `manage` scope", body = ErrorBody),
+        (status = 404, description = "no such factor, or its enrolment expired", body = ErrorBody),
+        (status = 409, description = "factor_already_active", body = ErrorBody),
+        (status = 413, description = "body_too_large", body = ErrorBody),
+        (status = 415, description = "the body is not declared as application/json", body = ErrorBody),
+        (status = 422, description = "invalid_code, or the body does not match the schema", body = ErrorBody),
+    ),
+)]
 pub async fn activate(
     State(state): State<AppState>,
     caller: Caller,
@@ -305,13 +368,13 @@ pub async fn activate(
     Ok(Json(row.into()))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct BackupSummary {
     remaining: usize,
     total: usize,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct UserFactors {
     user: String,
     factors: Vec<Factor>,
@@ -320,6 +383,20 @@ pub struct UserFactors {
     failures: u32,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/users/{user}/factors",
+    tag = "users",
+    security(("bearer" = [])),
+    params(("user" = String, Path, description = "the user, as the tenant names it")),
+    responses(
+        (status = 200, description = "the user's factors, backup codes and lock state", body = UserFactors),
+        (status = 400, description = "invalid_user", body = ErrorBody),
+        (status = 401, description = "missing or invalid credentials", body = ErrorBody),
+        (status = 403, description = "the caller is not a key with the `manage` scope", body = ErrorBody),
+        (status = 404, description = "the user has no factors and no backup codes", body = ErrorBody),
+    ),
+)]
 pub async fn list_factors(
     State(state): State<AppState>,
     caller: Caller,
@@ -354,6 +431,22 @@ pub async fn list_factors(
     }))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/users/{user}/factors/{factor}",
+    tag = "users",
+    security(("bearer" = [])),
+    params(("user" = String, Path, description = "the user, as the tenant names it"),
+        ("factor" = String, Path, description = "factor id"),
+    ),
+    responses(
+        (status = 204, description = "the factor is deleted"),
+        (status = 400, description = "invalid_user", body = ErrorBody),
+        (status = 401, description = "missing or invalid credentials", body = ErrorBody),
+        (status = 403, description = "the caller is not a key with the `manage` scope", body = ErrorBody),
+        (status = 404, description = "no such factor", body = ErrorBody),
+    ),
+)]
 pub async fn delete_factor(
     State(state): State<AppState>,
     caller: Caller,
@@ -373,6 +466,20 @@ pub async fn delete_factor(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/users/{user}",
+    tag = "users",
+    security(("bearer" = [])),
+    params(("user" = String, Path, description = "the user, as the tenant names it")),
+    responses(
+        (status = 204, description = "the user's factors, backup codes and state are deleted"),
+        (status = 400, description = "invalid_user", body = ErrorBody),
+        (status = 401, description = "missing or invalid credentials", body = ErrorBody),
+        (status = 403, description = "the caller is not a key with the `manage` scope", body = ErrorBody),
+        (status = 404, description = "no such user", body = ErrorBody),
+    ),
+)]
 pub async fn delete_user(
     State(state): State<AppState>,
     caller: Caller,
@@ -388,12 +495,26 @@ pub async fn delete_user(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Serialize)]
+/// A new set of backup codes: the only time the codes are shown.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct NewBackupCodes {
     set_id: String,
     codes: Vec<String>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/users/{user}/backup-codes",
+    tag = "users",
+    security(("bearer" = [])),
+    params(("user" = String, Path, description = "the user, as the tenant names it")),
+    responses(
+        (status = 201, description = "a new set replaces any earlier one; the codes are shown only now", body = NewBackupCodes),
+        (status = 400, description = "invalid_user", body = ErrorBody),
+        (status = 401, description = "missing or invalid credentials", body = ErrorBody),
+        (status = 403, description = "the caller is not a key with the `manage` scope", body = ErrorBody),
+    ),
+)]
 pub async fn generate_backup_codes(
     State(state): State<AppState>,
     caller: Caller,
@@ -436,6 +557,20 @@ pub async fn generate_backup_codes(
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/users/{user}/backup-codes",
+    tag = "users",
+    security(("bearer" = [])),
+    params(("user" = String, Path, description = "the user, as the tenant names it")),
+    responses(
+        (status = 200, description = "how many of the user's backup codes are left", body = BackupSummary),
+        (status = 400, description = "invalid_user", body = ErrorBody),
+        (status = 401, description = "missing or invalid credentials", body = ErrorBody),
+        (status = 403, description = "the caller is not a key with the `manage` scope", body = ErrorBody),
+        (status = 404, description = "the user has no backup codes", body = ErrorBody),
+    ),
+)]
 pub async fn backup_codes_summary(
     State(state): State<AppState>,
     caller: Caller,
@@ -453,6 +588,21 @@ pub async fn backup_codes_summary(
     }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/users/{user}/unlock",
+    tag = "users",
+    operation_id = "unlock_user",
+    security(("bearer" = [])),
+    params(("user" = String, Path, description = "the user, as the tenant names it")),
+    responses(
+        (status = 204, description = "the user's failures, throttle and lock are cleared"),
+        (status = 400, description = "invalid_user", body = ErrorBody),
+        (status = 401, description = "missing or invalid credentials", body = ErrorBody),
+        (status = 403, description = "the caller is not a key with the `manage` scope", body = ErrorBody),
+        (status = 404, description = "no such user", body = ErrorBody),
+    ),
+)]
 pub async fn unlock(
     State(state): State<AppState>,
     caller: Caller,

@@ -169,7 +169,8 @@ impl Store {
         let conn = self.lock();
         let tx = conn.unchecked_transaction()?;
         let head = head_of(&tx)?;
-        let by_count = head.saturating_sub(keep);
+        // `max(1)`: even `keep = 0` keeps the newest change, as documented.
+        let by_count = head.saturating_sub(keep.max(1));
         let by_age: Option<i64> = tx.query_row(
             "SELECT max(seq) FROM changes WHERE at_ms < ? AND seq < ?",
             params![min_at_ms, head as i64],

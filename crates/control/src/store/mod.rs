@@ -11,6 +11,7 @@
 
 mod entities;
 mod feed;
+mod usage;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -24,7 +25,7 @@ use twofold_core::ids::Scope;
 pub use feed::{FeedPosition, SnapshotSink};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` holds how many ran.
-const MIGRATIONS: &[&str] = &[include_str!("schema.sql")];
+const MIGRATIONS: &[&str] = &[include_str!("schema.sql"), include_str!("usage.sql")];
 
 /// How long a connection waits for another one's lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -221,18 +222,26 @@ impl Store {
 
     /// Run `f` in one write transaction. Audit records and, if `f` published any
     /// ops, one change with the next seq are committed with it.
-    fn write<T>(
+    fn write<'a, T>(
         &self,
         now_ms: i64,
         actor: &Actor,
-        audit: AuditEntry<'_>,
+        audit: impl Into<Option<AuditEntry<'a>>>,
         f: impl FnOnce(&mut Write<'_>) -> Result<T>,
     ) -> Result<T> {
         let mut conn = self.lock();
-        let (value, new_head) = Self::commit_write(&mut conn, now_ms, actor, audit, f)?;
+        let (value, new_head) = Self::commit_write(&mut conn, now_ms, actor, audit.into(), f)?;
         drop(conn);
         if let Some(seq) = new_head {
-            self.head.send_replace(seq);
+            // Writers reach this point after releasing the lock, so possibly out of
+            // commit order: the published head only ever moves forward.
+            self.head.send_if_modified(|head| {
+                let newer = seq > *head;
+                if newer {
+                    *head = seq;
+                }
+                newer
+            });
         }
         Ok(value)
     }
@@ -241,7 +250,7 @@ impl Store {
         conn: &mut Connection,
         now_ms: i64,
         actor: &Actor,
-        audit: AuditEntry<'_>,
+        audit: Option<AuditEntry<'_>>,
         f: impl FnOnce(&mut Write<'_>) -> Result<T>,
     ) -> Result<(T, Option<u64>)> {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -251,10 +260,12 @@ impl Store {
         };
         let value = f(&mut write)?;
         let Write { tx, ops } = write;
-        tx.execute(
-            "INSERT INTO audit (at_ms, actor, tenant, action, user, target) VALUES (?, ?, ?, ?, ?, ?)",
-            params![now_ms, actor.as_str(), audit.tenant, audit.action, audit.user, audit.target],
-        )?;
+        if let Some(audit) = audit {
+            tx.execute(
+                "INSERT INTO audit (at_ms, actor, tenant, action, user, target) VALUES (?, ?, ?, ?, ?, ?)",
+                params![now_ms, actor.as_str(), audit.tenant, audit.action, audit.user, audit.target],
+            )?;
+        }
         let mut new_head = None;
         if !ops.is_empty() {
             // The head lives in `meta` rather than being max(seq), so compaction can
@@ -391,24 +402,28 @@ impl Store {
             target: Some(id),
         };
         self.write(now_ms, actor, audit, |w| {
-            let found: Option<Option<i64>> =
+            let found =
                 w.tx.query_row(
-                    "SELECT revoked_ms FROM api_keys WHERE id = ? AND tenant IS ?",
+                    "SELECT id, tenant, name, hash, scopes, created_ms, revoked_ms FROM api_keys
+                     WHERE id = ? AND tenant IS ?",
                     params![id, tenant],
-                    |r| r.get(0),
+                    entities::key_row,
                 )
                 .optional()?;
             match found {
                 None => Err(StoreError::NotFound("api key")),
-                Some(Some(_)) => Ok(()),
-                Some(None) => {
+                Some(row) if row.revoked_ms.is_some() => Ok(()),
+                Some(row) => {
                     w.tx.execute(
                         "UPDATE api_keys SET revoked_ms = ? WHERE id = ?",
                         params![now_ms, id],
                     )?;
-                    w.publish(Op::Delete {
-                        key: EntityKey::ApiKey { id: id.to_owned() },
-                    });
+                    // Only a key the feed carries needs a tombstone there.
+                    if entities::api_key(&row).is_some() {
+                        w.publish(Op::Delete {
+                            key: EntityKey::ApiKey { id: id.to_owned() },
+                        });
+                    }
                     Ok(())
                 }
             }
@@ -544,7 +559,11 @@ impl Store {
             w.tx.execute("DELETE FROM totp_factors WHERE id = ?", [id])?;
             if row.status == FactorStatus::Active {
                 w.publish(Op::Delete {
-                    key: EntityKey::Totp { id: id.to_owned() },
+                    key: EntityKey::Totp {
+                        tenant: tenant.to_owned(),
+                        user: user.to_owned(),
+                        id: id.to_owned(),
+                    },
                 });
             }
             Ok(())
@@ -564,7 +583,11 @@ impl Store {
             let mut found = !factors.is_empty();
             for f in factors.iter().filter(|f| f.status == FactorStatus::Active) {
                 w.publish(Op::Delete {
-                    key: EntityKey::Totp { id: f.id.clone() },
+                    key: EntityKey::Totp {
+                        tenant: tenant.to_owned(),
+                        user: user.to_owned(),
+                        id: f.id.clone(),
+                    },
                 });
             }
             w.tx.execute(

@@ -1,0 +1,74 @@
+//! `POST /v1/feed/usage`: data planes report the runtime state they produce
+//! (accepted steps, used backup codes, failures), which is merged and published
+//! through the feed to every node.
+
+use axum::Json;
+use axum::extract::State;
+use twofold_core::feed::{UsageAck, UsageEvent, UsageReport};
+use twofold_core::ids::UserId;
+
+use super::ApiJson;
+use super::openapi::ErrorBody;
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Most events in one report.
+pub const MAX_EVENTS: usize = 1000;
+/// Largest report body; far above the default body limit, since one report
+/// carries many events.
+pub const BODY_LIMIT: usize = 1024 * 1024;
+
+fn check(report: &UsageReport) -> Result<(), ApiError> {
+    let bad = |message: &str| Err(ApiError::bad_request("invalid_report", message.to_owned()));
+    if report.node.is_empty() || report.node.len() > 64 {
+        return bad("node must be 1 to 64 bytes");
+    }
+    if report.events.len() > MAX_EVENTS {
+        return bad("too many events in one report");
+    }
+    for numbered in &report.events {
+        let (tenant, user) = match &numbered.event {
+            UsageEvent::TotpAccepted { tenant, user, .. }
+            | UsageEvent::BackupCodeUsed { tenant, user, .. }
+            | UsageEvent::Failure { tenant, user, .. }
+            | UsageEvent::Success { tenant, user } => (tenant, user),
+        };
+        if tenant.is_empty() || tenant.len() > 64 || UserId::try_new(user.as_str()).is_err() {
+            return bad("an event names an invalid tenant or user");
+        }
+    }
+    Ok(())
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/feed/usage",
+    tag = "feed",
+    operation_id = "feed_usage",
+    security(("bearer" = [])),
+    request_body(content = Object, description = "a usage report: `{\"node\": ..., \"events\": [{\"id\": n, \"type\": \"totp_accepted\" | \"backup_code_used\" | \"failure\" | \"success\", ...}]}` (see docs/feed.md)"),
+    responses(
+        (status = 200, description = "`{\"through\": id, \"seq\": seq}`: events up to `through` are merged, and the result is in the log at or before `seq`", body = Object),
+        (status = 400, description = "invalid_report or invalid_json", body = ErrorBody),
+        (status = 401, description = "missing or invalid credentials", body = ErrorBody),
+        (status = 403, description = "the caller is neither the operator nor a key with the `replicate` scope", body = ErrorBody),
+        (status = 413, description = "body_too_large", body = ErrorBody),
+    ),
+)]
+pub async fn report(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(report): ApiJson<UsageReport>,
+) -> Result<Json<UsageAck>, ApiError> {
+    caller.require_replicate()?;
+    check(&report)?;
+    let now = state.clock.now_ms();
+    let ack = state
+        .blocking(move |s| {
+            Ok(s.store
+                .apply_usage(now, &report.node, &report.events, &s.config.throttle)?)
+        })
+        .await?;
+    Ok(Json(ack))
+}
