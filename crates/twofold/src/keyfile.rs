@@ -17,7 +17,8 @@ const DEFAULT_FILE: &str = "master.key";
 /// sealed under the intended one.
 pub fn load_keyring(data_dir: &Path, explicit: Option<&Path>) -> anyhow::Result<Keyring> {
     if let Ok(text) = std::env::var(MASTER_KEY_ENV) {
-        let key = MasterKey::from_text(&text).with_context(|| format!("{MASTER_KEY_ENV} is not a valid master key"))?;
+        let key = MasterKey::from_text(&text)
+            .with_context(|| format!("{MASTER_KEY_ENV} is not a valid master key"))?;
         return Ok(Keyring::new(key));
     }
     let path: PathBuf = explicit.map_or_else(|| data_dir.join(DEFAULT_FILE), Path::to_path_buf);
@@ -43,9 +44,11 @@ fn read(path: &Path) -> anyhow::Result<MasterKey> {
         }
     }
     let text = zeroize::Zeroizing::new(
-        std::fs::read_to_string(path).with_context(|| format!("cannot read master key file {}", path.display()))?,
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read master key file {}", path.display()))?,
     );
-    MasterKey::from_text(&text).with_context(|| format!("{} does not hold a valid master key", path.display()))
+    MasterKey::from_text(&text)
+        .with_context(|| format!("{} does not hold a valid master key", path.display()))
 }
 
 fn write_new(path: &Path, key: &MasterKey) -> anyhow::Result<()> {
@@ -78,7 +81,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join(DEFAULT_FILE)).unwrap().permissions().mode();
+            let mode = std::fs::metadata(dir.path().join(DEFAULT_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
     }

@@ -14,6 +14,7 @@ use twofold_control::config::Config as ControlConfig;
 use twofold_control::server::ensure_operator_token;
 use twofold_control::state::{AppState, Clock};
 use twofold_control::store::Store;
+use twofold_data::config::Config as DataConfig;
 
 /// Twofold: multi-factor authentication that keeps verifying when everything
 /// around it fails.
@@ -28,6 +29,8 @@ struct Cli {
 enum Command {
     /// Run the control plane: tenants, keys, factors, audit log and the feed.
     Control(ControlArgs),
+    /// Run a data plane: verification from a local replica of the feed.
+    Data(DataArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -67,10 +70,36 @@ struct ControlArgs {
     operator_token: Option<String>,
 }
 
+#[derive(Debug, Args)]
+struct DataArgs {
+    #[command(flatten)]
+    common: Common,
+
+    /// Address the data plane listens on.
+    #[arg(long, env = "TWOFOLD_DATA_LISTEN", default_value = "127.0.0.1:7071")]
+    listen: SocketAddr,
+
+    /// Control-plane base URL to replicate from; repeat, or separate with
+    /// commas, for several (any one will do).
+    #[arg(
+        long = "control-url",
+        env = "TWOFOLD_CONTROL_URLS",
+        value_delimiter = ',',
+        required = true
+    )]
+    control_urls: Vec<String>,
+
+    /// Node key (scope replicate) for the feed, from `POST /v1/node-keys`.
+    #[arg(long, env = "TWOFOLD_NODE_TOKEN", hide_env_values = true)]
+    node_token: String,
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TWOFOLD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -83,15 +112,16 @@ fn cancel_on_signal(token: CancellationToken) {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot listen for SIGTERM");
-                    let _ = ctrl_c.await;
-                    token.cancel();
-                    return;
-                }
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(term) => term,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot listen for SIGTERM");
+                        let _ = ctrl_c.await;
+                        token.cancel();
+                        return;
+                    }
+                };
             tokio::select! {
                 _ = ctrl_c => {}
                 _ = term.recv() => {}
@@ -109,20 +139,46 @@ async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&common.data_dir)
         .with_context(|| format!("cannot create data directory {}", common.data_dir.display()))?;
     let keyring = keyfile::load_keyring(&common.data_dir, common.master_key_file.as_deref())?;
-    let store = Store::open(&common.data_dir.join("control.db")).context("cannot open the control-plane database")?;
+    let store = Store::open(&common.data_dir.join("control.db"))
+        .context("cannot open the control-plane database")?;
     let mut config = ControlConfig::new(keyring);
     config.operator_token = args.operator_token;
     let shutdown = CancellationToken::new();
     let state = AppState::new(store, config, Clock::system(), shutdown.clone());
     if let Some(token) = ensure_operator_token(&state)? {
         // Printed once, to the terminal, never to the log.
-        println!("Operator token (shown once; keep it safe): {}", token.as_str());
+        println!(
+            "Operator token (shown once; keep it safe): {}",
+            token.as_str()
+        );
     }
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     cancel_on_signal(shutdown);
     twofold_control::serve(listener, state).await?;
+    Ok(())
+}
+
+async fn run_data(args: DataArgs) -> anyhow::Result<()> {
+    let common = &args.common;
+    std::fs::create_dir_all(&common.data_dir)
+        .with_context(|| format!("cannot create data directory {}", common.data_dir.display()))?;
+    let keyring = keyfile::load_keyring(&common.data_dir, common.master_key_file.as_deref())?;
+    let config = DataConfig::new(
+        common.data_dir.clone(),
+        args.control_urls,
+        args.node_token,
+        keyring,
+    );
+    let shutdown = CancellationToken::new();
+    let (node, replica) =
+        twofold_data::server::load(config, shutdown.clone()).context("cannot load the replica")?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    cancel_on_signal(shutdown);
+    twofold_data::server::serve(listener, node, replica).await?;
     Ok(())
 }
 
@@ -133,6 +189,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Control(args) => {
             init_logging(args.common.log_format);
             run_control(args).await
+        }
+        Command::Data(args) => {
+            init_logging(args.common.log_format);
+            run_data(args).await
         }
     }
 }

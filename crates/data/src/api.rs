@@ -1,0 +1,323 @@
+//! The data plane's HTTP API: `POST /v1/verify`, and the operational endpoints.
+//! Nothing here calls the control plane or a remote database: a request reads
+//! the in-memory index and writes this node's local outbox.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use twofold_core::ids::{API_KEY_HASH_DOMAIN, UserId};
+
+use crate::index::{lock, user_key};
+use crate::metrics::OutcomeLabels;
+use crate::node::Node;
+use crate::verify::{Attempt, Outcome};
+
+/// Longest code input looked at; anything longer is refused as malformed.
+const MAX_CODE_LEN: usize = 64;
+
+/// An error answered as `{"error":{"code":...,"message":...}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn unauthorized() -> ApiError {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or invalid API key",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyRequest {
+    user: String,
+    code: String,
+}
+
+#[derive(Debug, Serialize)]
+struct VerifyResponse {
+    valid: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    factor: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    factor_id: Option<String>,
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+fn parse_request(headers: &HeaderMap, body: &[u8]) -> Result<VerifyRequest, ApiError> {
+    let json = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !json {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "expected content-type application/json",
+        ));
+    }
+    let request: VerifyRequest = serde_json::from_slice(body).map_err(|e| {
+        // serde's message names the problem and position, never the secret value
+        // of a well-typed field; the body is never logged.
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("invalid request body: {e}"),
+        )
+    })?;
+    UserId::try_new(request.user.as_str())
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_user", e.to_string()))?;
+    if request.code.len() > MAX_CODE_LEN {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_code",
+            format!("code must be at most {MAX_CODE_LEN} bytes"),
+        ));
+    }
+    Ok(request)
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// `POST /v1/verify`.
+async fn verify(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let started = Instant::now();
+    let result = match body {
+        Ok(body) => verify_inner(&node, &headers, &body).await,
+        Err(rejection) => Err(ApiError::new(
+            rejection.status(),
+            "invalid_body",
+            rejection.body_text(),
+        )),
+    };
+    let (label, response) = match result {
+        Ok((label, response)) => (label, response),
+        Err(e) => ("error", e.into_response()),
+    };
+    node.metrics
+        .verifications
+        .get_or_create(&OutcomeLabels { outcome: label })
+        .inc();
+    node.metrics
+        .verify_latency
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn verify_inner(
+    node: &Node,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(&'static str, Response), ApiError> {
+    let token = bearer(headers).ok_or_else(ApiError::unauthorized)?;
+    let hash = node
+        .config
+        .keyring
+        .hash_key()
+        .hash(API_KEY_HASH_DOMAIN, token.as_bytes());
+    let request = parse_request(headers, body)?;
+    let (outcome, events) = {
+        let index = node.index();
+        let key = index.key(&hash).ok_or_else(ApiError::unauthorized)?;
+        let ukey = user_key(&key.tenant, &request.user);
+        let attempt = Attempt {
+            tenant: &key.tenant,
+            user: &request.user,
+            code: &request.code,
+            now: now_secs(),
+            covered_through: node.covered_through(),
+        };
+        match index.user(&ukey) {
+            Some(user) => {
+                let mut user = lock(&user);
+                node.verifier
+                    .attempt(&mut user, attempt, &mut || node.next_event_id())
+            }
+            None => (node.verifier.attempt_unknown(&ukey, attempt), Vec::new()),
+        }
+    };
+    if !events.is_empty() {
+        // Replay protection must survive a crash before the code is reported
+        // valid, so wait for the outbox to commit. A failure here fails closed.
+        if let Err(e) = node.outbox.record(events).await {
+            tracing::error!(error = %e, "cannot record usage; refusing the attempt");
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the node cannot record this attempt; retry",
+            ));
+        }
+        node.report_wake.notify_one();
+    }
+    Ok(match outcome {
+        Outcome::Valid { kind, factor_id } => (
+            "valid",
+            Json(VerifyResponse {
+                valid: true,
+                factor: Some(kind.as_str()),
+                factor_id: Some(factor_id),
+            })
+            .into_response(),
+        ),
+        Outcome::Invalid => (
+            "invalid",
+            Json(VerifyResponse {
+                valid: false,
+                factor: None,
+                factor_id: None,
+            })
+            .into_response(),
+        ),
+        Outcome::Throttled { retry_after } => {
+            let mut response = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "throttled",
+                "too many failed attempts for this user; retry later",
+            )
+            .into_response();
+            if let Ok(value) = HeaderValue::from_str(&retry_after.max(1).to_string()) {
+                response.headers_mut().insert(RETRY_AFTER, value);
+            }
+            ("throttled", response)
+        }
+        Outcome::Locked => (
+            "locked",
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "locked",
+                "too many failed attempts; the user is locked until unlocked on the control plane",
+            )
+            .into_response(),
+        ),
+    })
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// Ready once a replica is loaded, whether or not a control plane is reachable.
+async fn readyz(State(node): State<Arc<Node>>) -> Response {
+    let applied = node.sync.applied.load(Ordering::SeqCst);
+    if node.sync.ready.load(Ordering::SeqCst) {
+        Json(json!({"status": "ready", "applied_seq": applied})).into_response()
+    } else {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "no replica loaded yet; waiting for the first sync",
+        )
+        .into_response()
+    }
+}
+
+async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    (
+        [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        node.metrics.render(&node.sync),
+    )
+        .into_response()
+}
+
+/// `GET /v1/replica/digest`: the digest of the replica on disk, comparable with
+/// the control plane's `GET /v1/feed/digest`.
+async fn digest(State(node): State<Arc<Node>>) -> Response {
+    let dir = node.config.data_dir.clone();
+    let result = tokio::task::spawn_blocking(move || crate::replica::digest_of(&dir)).await;
+    match result {
+        Ok(Ok((seq, digest))) => {
+            Json(json!({"seq": seq, "count": digest.count(), "digest": digest.to_hex()}))
+                .into_response()
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "cannot compute the replica digest");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error; see the server log",
+            )
+            .into_response()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "digest task failed");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error; see the server log",
+            )
+            .into_response()
+        }
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "route not found")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method",
+    )
+}
+
+/// The data-plane application.
+pub fn app(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/v1/verify", post(verify))
+        .route("/v1/replica/digest", get(digest))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(node.config.body_limit))
+        .with_state(node)
+}

@@ -1,0 +1,71 @@
+//! Data-plane settings, with their defaults. The `twofold` binary fills them from
+//! flags, the environment and a file; tests build them directly.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use twofold_core::otp::Skew;
+use twofold_core::seal::Keyring;
+use twofold_core::throttle::ThrottlePolicy;
+
+/// A change stream silent for this long is dead (three missed heartbeats).
+pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(15);
+/// First reconnect delay; doubles on each failure up to the maximum.
+pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(100);
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Largest verify request body.
+pub const DEFAULT_BODY_LIMIT: usize = 16 * 1024;
+/// Largest feed line accepted; a longer one is refused without being applied.
+pub const DEFAULT_MAX_LINE: usize = 1024 * 1024;
+/// How long a strict backup-code use waits for the control plane.
+pub const DEFAULT_STRICT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Everything a data plane needs to run, apart from where it listens.
+#[derive(Debug)]
+pub struct Config {
+    /// Where `replica.db` and `local.db` live.
+    pub data_dir: PathBuf,
+    /// Base URLs of control planes; any one will do.
+    pub control_urls: Vec<String>,
+    /// A node key (scope `replicate`) for the feed and usage reports.
+    pub node_token: String,
+    /// Opens sealed secrets and keys the hashes of API keys and backup codes; the
+    /// same keys as the control plane's.
+    pub keyring: Keyring,
+    pub skew: Skew,
+    pub throttle: ThrottlePolicy,
+    pub heartbeat_timeout: Duration,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub body_limit: usize,
+    pub max_line: usize,
+    /// Make each backup-code use wait for the control plane's acknowledgement,
+    /// failing closed while it is down. Off by default: availability first.
+    pub strict_backup_codes: bool,
+    pub strict_timeout: Duration,
+}
+
+impl Config {
+    pub fn new(
+        data_dir: PathBuf,
+        control_urls: Vec<String>,
+        node_token: String,
+        keyring: Keyring,
+    ) -> Config {
+        Config {
+            data_dir,
+            control_urls,
+            node_token,
+            keyring,
+            skew: Skew::default(),
+            throttle: ThrottlePolicy::default(),
+            heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
+            backoff_base: DEFAULT_BACKOFF_BASE,
+            backoff_max: DEFAULT_BACKOFF_MAX,
+            body_limit: DEFAULT_BODY_LIMIT,
+            max_line: DEFAULT_MAX_LINE,
+            strict_backup_codes: false,
+            strict_timeout: DEFAULT_STRICT_TIMEOUT,
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! The state one data-plane node shares between its request handlers, its sync
+//! loop and its usage reporter.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use twofold_core::feed::UsageEvent;
+
+use crate::config::Config;
+use crate::index::{Index, LocalEvent, lock, user_key};
+use crate::metrics::Metrics;
+use crate::outbox::{Opened, Outbox, Stored};
+use crate::verify::Verifier;
+
+/// Where the node's replica stands, for readiness, metrics and reports.
+#[derive(Debug, Default)]
+pub struct SyncStatus {
+    pub applied: AtomicU64,
+    pub head: AtomicU64,
+    /// Unix milliseconds of the last line read from a control plane.
+    pub last_contact_ms: AtomicI64,
+    /// Set once a replica is loaded; never cleared.
+    pub ready: AtomicBool,
+    pub bootstraps: AtomicU64,
+    pub resumes: AtomicU64,
+}
+
+/// Shared node state. Handlers reach it through an `Arc`.
+#[derive(Debug)]
+pub struct Node {
+    pub config: Config,
+    index: RwLock<Arc<Index>>,
+    pub verifier: Verifier,
+    pub outbox: Outbox,
+    pub node_id: String,
+    next_event_id: AtomicU64,
+    /// Acknowledged reports not yet covered by the replica: (through id, seq).
+    acks: Mutex<Vec<(u64, u64)>>,
+    /// This node's events with ids up to this are reflected in the replica.
+    covered_through: AtomicU64,
+    pub sync: SyncStatus,
+    pub metrics: Metrics,
+    /// Wakes the usage reporter when new events are recorded.
+    pub report_wake: Notify,
+    pub shutdown: CancellationToken,
+}
+
+/// Wall-clock Unix milliseconds: only the edges read the clock.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Node {
+    /// A node serving `index` (loaded from the replica at `applied`), with the
+    /// outbox's stored events replayed over it.
+    pub fn new(
+        config: Config,
+        index: Index,
+        applied: u64,
+        opened: Opened,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Node>, String> {
+        let verifier = Verifier::new(config.keyring.clone(), config.skew, config.throttle)?;
+        let Opened {
+            outbox,
+            node_id,
+            stored,
+            next_id,
+        } = opened;
+        let covered = stored
+            .iter()
+            .filter(|s| s.acked_seq.is_some_and(|seq| seq <= applied))
+            .map(|s| s.event.id)
+            .max()
+            .unwrap_or(0);
+        let acks = stored
+            .iter()
+            .filter_map(|s| {
+                s.acked_seq
+                    .filter(|&seq| seq > applied)
+                    .map(|seq| (s.event.id, seq))
+            })
+            .collect();
+        replay_local(&index, &stored, covered);
+        let node = Node {
+            config,
+            index: RwLock::new(Arc::new(index)),
+            verifier,
+            outbox,
+            node_id,
+            next_event_id: AtomicU64::new(next_id),
+            acks: Mutex::new(acks),
+            covered_through: AtomicU64::new(covered),
+            sync: SyncStatus::default(),
+            metrics: Metrics::default(),
+            report_wake: Notify::new(),
+            shutdown,
+        };
+        node.sync.applied.store(applied, Ordering::SeqCst);
+        Ok(Arc::new(node))
+    }
+
+    /// The index, held for a synchronous piece of work. Bootstrap swaps the index
+    /// under the write lock, so work done under this guard is never lost.
+    pub fn index(&self) -> RwLockReadGuard<'_, Arc<Index>> {
+        self.index.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Install a freshly bootstrapped index, carrying over this node's runtime
+    /// state from the one it replaces.
+    pub fn swap_index(&self, fresh: Index) {
+        let mut slot = self.index.write().unwrap_or_else(|p| p.into_inner());
+        fresh.adopt_local_state(&slot);
+        *slot = Arc::new(fresh);
+    }
+
+    pub fn next_event_id(&self) -> u64 {
+        self.next_event_id.fetch_add(1, Ordering::SeqCst)
+    }
+
+    pub fn covered_through(&self) -> u64 {
+        self.covered_through.load(Ordering::SeqCst)
+    }
+
+    /// The control plane merged events up to `through` in change `seq`.
+    pub fn record_ack(&self, through: u64, seq: u64) {
+        self.outbox.ack(through, seq);
+        self.acks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((through, seq));
+        self.advance_covered();
+    }
+
+    /// The replica has applied `applied`.
+    pub fn set_applied(&self, applied: u64) {
+        self.sync.applied.store(applied, Ordering::SeqCst);
+        self.outbox.prune(applied);
+        self.advance_covered();
+    }
+
+    fn advance_covered(&self) {
+        let applied = self.sync.applied.load(Ordering::SeqCst);
+        let mut acks = self.acks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut covered = self.covered_through.load(Ordering::SeqCst);
+        acks.retain(|&(through, seq)| {
+            if seq <= applied {
+                covered = covered.max(through);
+                false
+            } else {
+                true
+            }
+        });
+        self.covered_through.store(covered, Ordering::SeqCst);
+    }
+
+    pub fn mark_contact(&self) {
+        self.sync.last_contact_ms.store(now_ms(), Ordering::SeqCst);
+    }
+}
+
+/// Re-apply this node's stored usage events over a replica loaded from disk:
+/// accepted steps and used codes always (they only grow), throttle events unless
+/// the replica already reflects them.
+fn replay_local(index: &Index, stored: &[Stored], covered: u64) {
+    for s in stored {
+        match &s.event.event {
+            UsageEvent::TotpAccepted {
+                tenant,
+                user,
+                factor,
+                step,
+            } => {
+                if let Some(u) = index.user(&user_key(tenant, user)) {
+                    let mut u = lock(&u);
+                    if let Some(f) = u.factors.iter_mut().find(|f| &*f.id == factor.as_str()) {
+                        f.last_step = f.last_step.max(Some(*step));
+                    }
+                }
+            }
+            UsageEvent::BackupCodeUsed {
+                tenant,
+                user,
+                set_id,
+                index: i,
+            } => {
+                if let Some(u) = index.user(&user_key(tenant, user)) {
+                    let mut u = lock(&u);
+                    if let Some(set) = u.backup.as_mut().filter(|b| &*b.set_id == set_id.as_str())
+                        && let Some(used) = set.used.get_mut(*i as usize)
+                    {
+                        *used = true;
+                    }
+                }
+            }
+            UsageEvent::Failure { tenant, user, at } if s.event.id > covered => {
+                if let Some(u) = index.user(&user_key(tenant, user)) {
+                    lock(&u).push_event(s.event.id, LocalEvent::Failure { at: *at });
+                }
+            }
+            UsageEvent::Success { tenant, user } if s.event.id > covered => {
+                if let Some(u) = index.user(&user_key(tenant, user)) {
+                    lock(&u).push_event(s.event.id, LocalEvent::Success);
+                }
+            }
+            UsageEvent::Failure { .. } | UsageEvent::Success { .. } => {}
+        }
+    }
+}

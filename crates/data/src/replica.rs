@@ -1,0 +1,385 @@
+//! The durable replica: every entity the feed published, with the seq applied
+//! and the id of the log it came from, in `replica.db` (SQLite).
+//!
+//! Each batch of changes is one transaction together with its seq, so a kill -9
+//! at any moment leaves a replica at some batch boundary. A bootstrap loads the
+//! snapshot into `replica.db.next` and renames it over `replica.db` only once it
+//! is complete and checked, so a torn bootstrap leaves the old replica in place.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use twofold_core::feed::{Change, Entity, EntityKey, Op, StateDigest};
+
+use crate::index::{Index, RecordError, prepare};
+
+const FILE: &str = "replica.db";
+const STAGING: &str = "replica.db.next";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
+CREATE TABLE IF NOT EXISTS entities (key TEXT PRIMARY KEY, body BLOB NOT NULL) STRICT, WITHOUT ROWID;
+";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("replica database: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("replica file: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error("stored entity is not valid: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = ReplicaError> = std::result::Result<T, E>;
+
+/// Where the replica stands in the feed.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Position {
+    /// The log the replica came from; `None` for an empty replica.
+    pub log_id: Option<String>,
+    /// The last seq applied.
+    pub applied: u64,
+}
+
+fn key_text(key: &EntityKey) -> String {
+    // Serialising a key into a String cannot fail.
+    serde_json::to_string(key).unwrap_or_default()
+}
+
+fn open_conn(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // NORMAL in WAL mode survives a process crash with every committed batch; a
+    // power cut may lose the last few, which the feed sends again.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.execute_batch(SCHEMA)?;
+    Ok(conn)
+}
+
+fn read_position(conn: &Connection) -> Result<Position> {
+    let get = |key: &str| -> Result<Option<String>> {
+        Ok(conn
+            .query_row("SELECT value FROM meta WHERE key = ?", [key], |r| r.get(0))
+            .optional()?)
+    };
+    let applied = match get("applied")? {
+        Some(v) => v
+            .parse()
+            .map_err(|_| ReplicaError::Corrupt("applied seq".into()))?,
+        None => 0,
+    };
+    Ok(Position {
+        log_id: get("log_id")?,
+        applied,
+    })
+}
+
+fn write_meta(conn: &Connection, key: &str, value: &str) -> Result<()> {
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [key, value],
+    )?;
+    Ok(())
+}
+
+/// The replica file of a node.
+#[derive(Debug)]
+pub struct Replica {
+    dir: PathBuf,
+    conn: Connection,
+    position: Position,
+}
+
+impl Replica {
+    /// Open the replica in `dir`, creating an empty one if there is none. A
+    /// staging file left by an interrupted bootstrap is removed.
+    pub fn open(dir: &Path) -> Result<Replica> {
+        remove_if_exists(&dir.join(STAGING))?;
+        let conn = open_conn(&dir.join(FILE))?;
+        let position = read_position(&conn)?;
+        Ok(Replica {
+            dir: dir.to_owned(),
+            conn,
+            position,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn position(&self) -> &Position {
+        &self.position
+    }
+
+    /// Has this replica ever been synced?
+    pub fn is_empty(&self) -> bool {
+        self.position.log_id.is_none()
+    }
+
+    /// Load every stored entity into `index`. Returns how many were loaded.
+    pub fn load_into(&self, index: &Index) -> Result<u64> {
+        let mut stmt = self.conn.prepare("SELECT body FROM entities")?;
+        let mut rows = stmt.query([])?;
+        let mut count = 0;
+        let mut batch = Vec::with_capacity(4096);
+        while let Some(row) = rows.next()? {
+            let body: Vec<u8> = row.get(0)?;
+            let entity: Entity =
+                serde_json::from_slice(&body).map_err(|e| ReplicaError::Corrupt(e.to_string()))?;
+            batch.push(prepare(&Op::Put { entity })?);
+            count += 1;
+            if batch.len() == batch.capacity() {
+                index.apply(std::mem::take(&mut batch));
+            }
+        }
+        index.apply(batch);
+        Ok(count)
+    }
+
+    /// Apply a batch of consecutive changes in one transaction with the new seq.
+    pub fn apply(&mut self, changes: &[Change]) -> Result<()> {
+        let Some(last) = changes.last() else {
+            return Ok(());
+        };
+        let tx = self.conn.transaction()?;
+        {
+            let mut put =
+                tx.prepare_cached("INSERT OR REPLACE INTO entities (key, body) VALUES (?, ?)")?;
+            let mut delete = tx.prepare_cached("DELETE FROM entities WHERE key = ?")?;
+            for op in changes.iter().flat_map(|c| &c.ops) {
+                match op {
+                    Op::Put { entity } => {
+                        put.execute(params![key_text(&entity.key()), entity.canonical_bytes()])?;
+                    }
+                    Op::Delete { key } => {
+                        delete.execute([key_text(key)])?;
+                    }
+                }
+            }
+        }
+        write_meta(&tx, "applied", &last.seq.to_string())?;
+        tx.commit()?;
+        self.position.applied = last.seq;
+        Ok(())
+    }
+
+    /// The digest of the stored entities, with the seq it is as of.
+    pub fn digest(&self) -> Result<(u64, StateDigest)> {
+        digest_in(&self.conn)
+    }
+
+    /// Replace this replica with a completed staging file.
+    pub fn swap_in(self, staged: Staged) -> Result<Replica> {
+        let Replica { dir, conn, .. } = self;
+        // Closing the last connection checkpoints the WAL and removes it, so no
+        // old WAL can be replayed into the new file.
+        conn.close().map_err(|(_, e)| e)?;
+        let live = dir.join(FILE);
+        remove_if_exists(&dir.join(format!("{FILE}-wal")))?;
+        remove_if_exists(&dir.join(format!("{FILE}-shm")))?;
+        std::fs::rename(&staged.path, &live)?;
+        sync_dir(&dir)?;
+        Replica::open(&dir)
+    }
+}
+
+/// The digest of the replica in `dir`, read through its own connection in one
+/// read transaction, so the seq and the entities agree.
+pub fn digest_of(dir: &Path) -> Result<(u64, StateDigest)> {
+    let conn =
+        Connection::open_with_flags(dir.join(FILE), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    digest_in(&conn)
+}
+
+fn digest_in(conn: &Connection) -> Result<(u64, StateDigest)> {
+    let tx = conn.unchecked_transaction()?;
+    let applied = read_position(&tx)?.applied;
+    let mut digest = StateDigest::default();
+    let mut stmt = tx.prepare("SELECT body FROM entities")?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        let body: Vec<u8> = row.get(0)?;
+        digest.add_canonical(&body);
+    }
+    Ok((applied, digest))
+}
+
+/// A replica being loaded from a snapshot.
+#[derive(Debug)]
+pub struct Staging {
+    path: PathBuf,
+    conn: Connection,
+}
+
+/// A staging file that is complete and durable, ready to swap in.
+#[derive(Debug)]
+pub struct Staged {
+    path: PathBuf,
+}
+
+impl Staging {
+    pub fn create(dir: &Path) -> Result<Staging> {
+        let path = dir.join(STAGING);
+        remove_if_exists(&path)?;
+        let conn = Connection::open(&path)?;
+        // Nothing here needs to survive a crash until `finish`: an interrupted
+        // bootstrap starts over. So no journal and no syncs while loading.
+        conn.pragma_update(None, "journal_mode", "OFF")?;
+        conn.pragma_update(None, "synchronous", "OFF")?;
+        conn.execute_batch(SCHEMA)?;
+        conn.execute_batch("BEGIN")?;
+        Ok(Staging { path, conn })
+    }
+
+    pub fn insert(&mut self, entities: &[Entity]) -> Result<()> {
+        let mut put = self
+            .conn
+            .prepare_cached("INSERT OR REPLACE INTO entities (key, body) VALUES (?, ?)")?;
+        for entity in entities {
+            put.execute(params![key_text(&entity.key()), entity.canonical_bytes()])?;
+        }
+        Ok(())
+    }
+
+    /// Record the position, commit, and make the file durable.
+    pub fn finish(self, position: &Position) -> Result<Staged> {
+        let Staging { path, conn } = self;
+        write_meta(&conn, "applied", &position.applied.to_string())?;
+        if let Some(log_id) = &position.log_id {
+            write_meta(&conn, "log_id", log_id)?;
+        }
+        conn.execute_batch("COMMIT")?;
+        conn.close().map_err(|(_, e)| e)?;
+        std::fs::File::open(&path)?.sync_all()?;
+        Ok(Staged { path })
+    }
+}
+
+fn remove_if_exists(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use twofold_core::feed::TenantRecord;
+
+    use super::*;
+
+    fn tenant(id: &str) -> Entity {
+        Entity::Tenant(TenantRecord {
+            id: id.into(),
+            name: "acme".into(),
+        })
+    }
+
+    fn change(seq: u64, ops: Vec<Op>) -> Change {
+        Change { seq, at_ms: 0, ops }
+    }
+
+    #[test]
+    fn batches_persist_with_their_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut replica = Replica::open(dir.path()).unwrap();
+        assert!(replica.is_empty());
+        replica
+            .apply(&[
+                change(
+                    1,
+                    vec![Op::Put {
+                        entity: tenant("tn_a"),
+                    }],
+                ),
+                change(
+                    2,
+                    vec![Op::Put {
+                        entity: tenant("tn_b"),
+                    }],
+                ),
+            ])
+            .unwrap();
+        replica
+            .apply(&[change(
+                3,
+                vec![Op::Delete {
+                    key: EntityKey::Tenant { id: "tn_a".into() },
+                }],
+            )])
+            .unwrap();
+        drop(replica);
+        let replica = Replica::open(dir.path()).unwrap();
+        assert_eq!(replica.position().applied, 3);
+        let mut expected = StateDigest::default();
+        expected.add(&tenant("tn_b"));
+        assert_eq!(replica.digest().unwrap(), (3, expected));
+    }
+
+    #[test]
+    fn a_finished_staging_file_replaces_the_replica() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut replica = Replica::open(dir.path()).unwrap();
+        replica
+            .apply(&[change(
+                1,
+                vec![Op::Put {
+                    entity: tenant("tn_old"),
+                }],
+            )])
+            .unwrap();
+        let mut staging = Staging::create(dir.path()).unwrap();
+        staging.insert(&[tenant("tn_new")]).unwrap();
+        let staged = staging
+            .finish(&Position {
+                log_id: Some("log2".into()),
+                applied: 40,
+            })
+            .unwrap();
+        let replica = replica.swap_in(staged).unwrap();
+        assert_eq!(
+            replica.position(),
+            &Position {
+                log_id: Some("log2".into()),
+                applied: 40
+            }
+        );
+        let mut expected = StateDigest::default();
+        expected.add(&tenant("tn_new"));
+        assert_eq!(replica.digest().unwrap().1, expected);
+        assert!(!dir.path().join(STAGING).exists());
+    }
+
+    #[test]
+    fn an_unfinished_staging_file_is_discarded_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut replica = Replica::open(dir.path()).unwrap();
+        replica
+            .apply(&[change(
+                1,
+                vec![Op::Put {
+                    entity: tenant("tn_a"),
+                }],
+            )])
+            .unwrap();
+        let mut staging = Staging::create(dir.path()).unwrap();
+        staging.insert(&[tenant("tn_b")]).unwrap();
+        drop(staging);
+        drop(replica);
+        let replica = Replica::open(dir.path()).unwrap();
+        assert_eq!(replica.position().applied, 1);
+        assert_eq!(replica.digest().unwrap().1.count(), 1);
+        assert!(!dir.path().join(STAGING).exists());
+    }
+}

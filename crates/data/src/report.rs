@@ -1,0 +1,108 @@
+//! The usage reporter: sends this node's outbox to the control plane in batches,
+//! retrying with backoff while it is down, so runtime state reaches every node
+//! through the feed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use reqwest::header::CONTENT_TYPE;
+use twofold_core::feed::{NumberedEvent, UsageAck, UsageReport};
+
+use crate::node::Node;
+use crate::sync::Backoff;
+
+/// Events sent per report.
+const BATCH: usize = 500;
+/// Even without a wake-up, look at the outbox this often.
+const IDLE_POLL: Duration = Duration::from_secs(1);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("request failed: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("control plane answered {0}")]
+    Status(StatusCode),
+    #[error("malformed acknowledgement: {0}")]
+    Ack(String),
+}
+
+/// Send one report to `url` and return the acknowledgement.
+pub async fn send(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    node_id: &str,
+    events: Vec<NumberedEvent>,
+) -> Result<UsageAck, ReportError> {
+    let report = UsageReport {
+        node: node_id.to_owned(),
+        events,
+    };
+    let body = serde_json::to_vec(&report).map_err(|e| ReportError::Ack(e.to_string()))?;
+    let response = client
+        .post(format!("{}/v1/feed/usage", url.trim_end_matches('/')))
+        .bearer_auth(token)
+        .header(CONTENT_TYPE, "application/json")
+        .timeout(REQUEST_TIMEOUT)
+        .body(body)
+        .send()
+        .await?;
+    if response.status() != StatusCode::OK {
+        return Err(ReportError::Status(response.status()));
+    }
+    let bytes = response.bytes().await?;
+    serde_json::from_slice(&bytes).map_err(|e| ReportError::Ack(e.to_string()))
+}
+
+/// Report until shutdown.
+pub async fn run(node: Arc<Node>) {
+    let client = match reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+    {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the report client; usage is not reported");
+            return;
+        }
+    };
+    let mut backoff = Backoff::new(node.config.backoff_base, node.config.backoff_max);
+    let mut url_index = 0usize;
+    loop {
+        let events = match node.outbox.unsent(BATCH).await {
+            Ok(events) => events,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the outbox");
+                return;
+            }
+        };
+        node.metrics.outbox_depth.set(events.len() as u64);
+        if events.is_empty() {
+            tokio::select! {
+                () = node.report_wake.notified() => continue,
+                () = tokio::time::sleep(IDLE_POLL) => continue,
+                () = node.shutdown.cancelled() => return,
+            }
+        }
+        let urls = &node.config.control_urls;
+        let Some(url) = urls.get(url_index % urls.len().max(1)) else {
+            return;
+        };
+        match send(&client, url, &node.config.node_token, &node.node_id, events).await {
+            Ok(ack) => {
+                node.record_ack(ack.through, ack.seq);
+                backoff.reset();
+            }
+            Err(e) => {
+                tracing::warn!(url, error = %e, "usage report failed; will retry");
+                url_index += 1;
+                tokio::select! {
+                    () = tokio::time::sleep(backoff.next_delay()) => {}
+                    () = node.shutdown.cancelled() => return,
+                }
+            }
+        }
+    }
+}

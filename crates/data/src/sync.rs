@@ -1,0 +1,507 @@
+//! The sync loop: one background task per node that keeps the replica up to
+//! date. It never runs on a request path.
+//!
+//! An empty replica, or a `410 Gone` from the feed, means a bootstrap: the
+//! snapshot loads into a staging file and a fresh index while the node keeps
+//! serving the old state, and both are swapped in once the trailer checks out.
+//! Otherwise the node tails `changes?after=<applied>`. Every batch is checked in
+//! full before any of it is applied. Reconnects use capped exponential backoff
+//! with full jitter, rotating through the configured control planes.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use futures_util::StreamExt;
+use reqwest::StatusCode;
+use twofold_core::feed::{Change, ChangeLine, Entity, SnapshotLine, StateDigest};
+
+use crate::index::{Index, Prepared, RecordError, prepare};
+use crate::node::Node;
+use crate::replica::{Position, Replica, ReplicaError, Staging};
+
+/// Entities written to the staging file per transaction chunk.
+const SNAPSHOT_BATCH: usize = 10_000;
+/// Header naming the change log (see docs/feed.md).
+const LOG_HEADER: &str = "twofold-log-id";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("the feed no longer holds the changes after our seq")]
+    Gone,
+    #[error("control plane answered {0}")]
+    Status(StatusCode),
+    #[error("request failed: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("no line from the control plane for {0:?}")]
+    Silent(Duration),
+    #[error("the stream ended")]
+    Ended,
+    #[error("malformed feed line: {0}")]
+    Malformed(String),
+    #[error("feed line longer than {0} bytes")]
+    LineTooLong(usize),
+    #[error("expected seq {expected}, got {got}")]
+    OutOfOrder { expected: u64, got: u64 },
+    #[error("snapshot check failed: {0}")]
+    Snapshot(String),
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+    #[error("replica worker stopped: {0}")]
+    Worker(String),
+}
+
+/// Capped exponential backoff with full jitter: the n-th delay is uniform in
+/// `[0, min(max, base * 2^n))`.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, max: Duration) -> Backoff {
+        Backoff {
+            base,
+            max,
+            attempt: 0,
+        }
+    }
+
+    /// The next delay, given a uniform random fraction in `[0, 1)`.
+    pub fn next_with(&mut self, fraction: f64) -> Duration {
+        let ceiling = self
+            .base
+            .saturating_mul(1u32.checked_shl(self.attempt).unwrap_or(u32::MAX))
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1).min(31);
+        ceiling.mul_f64(fraction.clamp(0.0, 1.0))
+    }
+
+    /// The next delay, jittered from the OS random source.
+    pub fn next_delay(&mut self) -> Duration {
+        let mut bytes = [0u8; 4];
+        let fraction = match getrandom::fill(&mut bytes) {
+            Ok(()) => f64::from(u32::from_le_bytes(bytes)) / (f64::from(u32::MAX) + 1.0),
+            Err(_) => 0.5,
+        };
+        self.next_with(fraction)
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// Splits a byte stream into lines, refusing any line longer than `max`.
+#[derive(Debug)]
+pub struct LineBuffer {
+    buf: BytesMut,
+    max: usize,
+}
+
+impl LineBuffer {
+    pub fn new(max: usize) -> LineBuffer {
+        LineBuffer {
+            buf: BytesMut::new(),
+            max,
+        }
+    }
+
+    /// Add a chunk and return the complete lines it finished.
+    pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<BytesMut>, SyncError> {
+        self.buf.extend_from_slice(chunk);
+        let mut lines = Vec::new();
+        while let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
+            let mut line = self.buf.split_to(end + 1);
+            line.truncate(end);
+            if line.len() > self.max {
+                return Err(SyncError::LineTooLong(self.max));
+            }
+            lines.push(line);
+        }
+        if self.buf.len() > self.max {
+            return Err(SyncError::LineTooLong(self.max));
+        }
+        Ok(lines)
+    }
+
+    /// Bytes of an unfinished line.
+    pub fn pending(&self) -> usize {
+        self.buf.remaining()
+    }
+}
+
+/// Check a run of changes: consecutive after `applied`, every op valid. Nothing is
+/// applied unless the whole run passes.
+pub fn check_batch(applied: u64, changes: &[Change]) -> Result<Vec<Prepared>, SyncError> {
+    let mut prepared = Vec::new();
+    for (expected, change) in (applied + 1..).zip(changes) {
+        if change.seq != expected {
+            return Err(SyncError::OutOfOrder {
+                expected,
+                got: change.seq,
+            });
+        }
+        for op in &change.ops {
+            prepared.push(prepare(op)?);
+        }
+    }
+    Ok(prepared)
+}
+
+/// The sync loop. Runs until the node shuts down.
+pub async fn run(node: Arc<Node>, replica: Replica) {
+    let client = match reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+    {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the feed client; sync is off");
+            return;
+        }
+    };
+    let mut replica = Some(replica);
+    let mut backoff = Backoff::new(node.config.backoff_base, node.config.backoff_max);
+    let mut url_index = 0usize;
+    let mut must_bootstrap = replica.as_ref().is_some_and(Replica::is_empty);
+    while !node.shutdown.is_cancelled() {
+        let urls = &node.config.control_urls;
+        let Some(url) = urls.get(url_index % urls.len().max(1)) else {
+            tracing::error!("no control plane configured; sync is off");
+            return;
+        };
+        let url = url.trim_end_matches('/').to_owned();
+        let result = if must_bootstrap {
+            bootstrap(&node, &client, &url, &mut replica).await
+        } else {
+            tail(&node, &client, &url, &mut replica, &mut backoff).await
+        };
+        match result {
+            Ok(()) => {
+                must_bootstrap = false;
+                backoff.reset();
+                continue;
+            }
+            Err(SyncError::Gone) => {
+                tracing::info!(url, "feed position gone; bootstrapping from a snapshot");
+                must_bootstrap = true;
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(url, error = %e, "sync interrupted");
+                url_index += 1;
+            }
+        }
+        if replica.is_none() {
+            tracing::error!("replica lost after a failed swap; sync is off");
+            return;
+        }
+        let delay = backoff.next_delay();
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = node.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Run `f` on the replica off the async threads, giving it back afterwards.
+async fn with_replica<T: Send + 'static>(
+    slot: &mut Option<Replica>,
+    f: impl FnOnce(&mut Replica) -> Result<T, ReplicaError> + Send + 'static,
+) -> Result<T, SyncError> {
+    let mut replica = slot
+        .take()
+        .ok_or_else(|| SyncError::Worker("replica missing".into()))?;
+    let (replica, result) = tokio::task::spawn_blocking(move || {
+        let result = f(&mut replica);
+        (replica, result)
+    })
+    .await
+    .map_err(|e| SyncError::Worker(e.to_string()))?;
+    *slot = Some(replica);
+    Ok(result?)
+}
+
+/// Read the next chunk, or fail if the stream stays silent too long.
+async fn next_chunk<S>(node: &Node, body: &mut S) -> Result<Option<bytes::Bytes>, SyncError>
+where
+    S: futures_util::Stream<Item = Result<bytes::Bytes, reqwest::Error>> + Unpin,
+{
+    let timeout = node.config.heartbeat_timeout;
+    tokio::select! {
+        chunk = tokio::time::timeout(timeout, body.next()) => match chunk {
+            Err(_) => Err(SyncError::Silent(timeout)),
+            Ok(None) => Err(SyncError::Ended),
+            Ok(Some(Err(e))) => Err(SyncError::Http(e)),
+            Ok(Some(Ok(bytes))) => Ok(Some(bytes)),
+        },
+        () = node.shutdown.cancelled() => Ok(None),
+    }
+}
+
+async fn tail(
+    node: &Arc<Node>,
+    client: &reqwest::Client,
+    url: &str,
+    replica: &mut Option<Replica>,
+    backoff: &mut Backoff,
+) -> Result<(), SyncError> {
+    let position = replica
+        .as_ref()
+        .map(|r| r.position().clone())
+        .ok_or_else(|| SyncError::Worker("replica missing".into()))?;
+    // Log ids are generated in lowercase base32, so they need no escaping; one
+    // that came from elsewhere is left out and the server answers as for none.
+    let mut target = format!("{url}/v1/feed/changes?after={}", position.applied);
+    if let Some(log) = position
+        .log_id
+        .as_deref()
+        .filter(|l| l.bytes().all(|b| b.is_ascii_alphanumeric()))
+    {
+        target.push_str("&log=");
+        target.push_str(log);
+    }
+    let request = client.get(target).bearer_auth(&node.config.node_token);
+    let response = request.send().await?;
+    match response.status() {
+        StatusCode::OK => {}
+        StatusCode::GONE => return Err(SyncError::Gone),
+        status => return Err(SyncError::Status(status)),
+    }
+    node.sync.resumes.fetch_add(1, Ordering::SeqCst);
+    node.mark_contact();
+    tracing::info!(url, after = position.applied, "tailing the change log");
+    let mut body = response.bytes_stream();
+    let mut lines = LineBuffer::new(node.config.max_line);
+    let mut applied = position.applied;
+    loop {
+        let Some(chunk) = next_chunk(node, &mut body).await? else {
+            return Ok(());
+        };
+        node.mark_contact();
+        let mut changes = Vec::new();
+        for line in lines.push(&chunk)? {
+            match serde_json::from_slice::<ChangeLine>(&line)
+                .map_err(|e| SyncError::Malformed(e.to_string()))?
+            {
+                ChangeLine::Heartbeat { head } => {
+                    node.sync.head.fetch_max(head, Ordering::SeqCst);
+                }
+                ChangeLine::Change(change) => changes.push(change),
+            }
+        }
+        if changes.is_empty() {
+            continue;
+        }
+        let prepared = check_batch(applied, &changes)?;
+        let last = changes.last().map_or(applied, |c| c.seq);
+        with_replica(replica, move |r| r.apply(&changes)).await?;
+        node.index().apply(prepared);
+        applied = last;
+        node.sync.head.fetch_max(last, Ordering::SeqCst);
+        node.set_applied(last);
+        backoff.reset();
+    }
+}
+
+async fn bootstrap(
+    node: &Arc<Node>,
+    client: &reqwest::Client,
+    url: &str,
+    replica: &mut Option<Replica>,
+) -> Result<(), SyncError> {
+    let response = client
+        .get(format!("{url}/v1/feed/snapshot"))
+        .bearer_auth(&node.config.node_token)
+        .send()
+        .await?;
+    if response.status() != StatusCode::OK {
+        return Err(SyncError::Status(response.status()));
+    }
+    let log_id = response
+        .headers()
+        .get(LOG_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .ok_or_else(|| SyncError::Snapshot("no log id header".into()))?;
+    node.mark_contact();
+    tracing::info!(url, "bootstrapping from a snapshot");
+    let dir = node_dir(replica)?;
+    let mut staging = Some(
+        tokio::task::spawn_blocking(move || Staging::create(&dir))
+            .await
+            .map_err(|e| SyncError::Worker(e.to_string()))??,
+    );
+    let fresh = Index::default();
+    let mut digest = StateDigest::default();
+    let mut begin: Option<u64> = None;
+    let mut end: Option<(u64, u64, String)> = None;
+    let mut batch: Vec<Entity> = Vec::with_capacity(SNAPSHOT_BATCH);
+    let mut prepared: Vec<Prepared> = Vec::with_capacity(SNAPSHOT_BATCH);
+    let mut body = response.bytes_stream();
+    let mut lines = LineBuffer::new(node.config.max_line);
+    while end.is_none() {
+        let Some(chunk) = next_chunk(node, &mut body).await? else {
+            return Err(SyncError::Snapshot("shutting down".into()));
+        };
+        node.mark_contact();
+        for line in lines.push(&chunk)? {
+            if end.is_some() {
+                return Err(SyncError::Snapshot("data after the trailer".into()));
+            }
+            match serde_json::from_slice::<SnapshotLine>(&line)
+                .map_err(|e| SyncError::Malformed(e.to_string()))?
+            {
+                SnapshotLine::Begin { seq } if begin.is_none() => begin = Some(seq),
+                SnapshotLine::Entity { entity } if begin.is_some() => {
+                    digest.add(&entity);
+                    prepared.push(prepare(&twofold_core::feed::Op::Put {
+                        entity: entity.clone(),
+                    })?);
+                    batch.push(entity);
+                }
+                SnapshotLine::End { seq, count, digest } if begin.is_some() => {
+                    end = Some((seq, count, digest))
+                }
+                _ => return Err(SyncError::Snapshot("lines out of order".into())),
+            }
+        }
+        if batch.len() >= SNAPSHOT_BATCH || end.is_some() {
+            let entities = std::mem::take(&mut batch);
+            let mut stage = staging
+                .take()
+                .ok_or_else(|| SyncError::Worker("staging missing".into()))?;
+            let (stage, result) = tokio::task::spawn_blocking(move || {
+                let result = stage.insert(&entities);
+                (stage, result)
+            })
+            .await
+            .map_err(|e| SyncError::Worker(e.to_string()))?;
+            result?;
+            staging = Some(stage);
+            fresh.apply(std::mem::take(&mut prepared));
+        }
+    }
+    let (seq, count, expected) = end.ok_or_else(|| SyncError::Snapshot("no trailer".into()))?;
+    if Some(seq) != begin || count != digest.count() || expected != digest.to_hex() {
+        return Err(SyncError::Snapshot(format!(
+            "trailer says {count} entities with digest {expected}, received {} with {}",
+            digest.count(),
+            digest.to_hex()
+        )));
+    }
+    let stage = staging
+        .take()
+        .ok_or_else(|| SyncError::Worker("staging missing".into()))?;
+    let position = Position {
+        log_id: Some(log_id),
+        applied: seq,
+    };
+    let old = replica
+        .take()
+        .ok_or_else(|| SyncError::Worker("replica missing".into()))?;
+    let swapped = tokio::task::spawn_blocking(move || {
+        let staged = stage.finish(&position)?;
+        old.swap_in(staged)
+    })
+    .await
+    .map_err(|e| SyncError::Worker(e.to_string()))??;
+    *replica = Some(swapped);
+    node.swap_index(fresh);
+    node.sync.head.fetch_max(seq, Ordering::SeqCst);
+    node.set_applied(seq);
+    node.sync.bootstraps.fetch_add(1, Ordering::SeqCst);
+    node.sync.ready.store(true, Ordering::SeqCst);
+    tracing::info!(seq, entities = count, "bootstrap complete");
+    Ok(())
+}
+
+fn node_dir(replica: &Option<Replica>) -> Result<std::path::PathBuf, SyncError> {
+    replica
+        .as_ref()
+        .map(|r| r.dir().to_owned())
+        .ok_or_else(|| SyncError::Worker("replica missing".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use twofold_core::feed::{Op, TenantRecord};
+
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_full_jitter() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let ceilings: Vec<Duration> = (0..6).map(|_| b.next_with(0.999_999)).collect();
+        let ms: Vec<u128> = ceilings.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, vec![99, 199, 399, 799, 999, 999]);
+        assert_eq!(b.next_with(0.0), Duration::ZERO);
+        b.reset();
+        assert_eq!(b.next_with(0.5), Duration::from_millis(50));
+        let mut long = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        for _ in 0..100 {
+            assert!(long.next_with(1.0) <= Duration::from_secs(10));
+        }
+    }
+
+    #[test]
+    fn lines_split_across_chunks_and_long_lines_are_refused() {
+        let mut buf = LineBuffer::new(16);
+        assert!(buf.push(b"{\"a\":").unwrap().is_empty());
+        let lines = buf.push(b"1}\n{\"b\":2}\n{\"c").unwrap();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(&lines[0][..], b"{\"a\":1}");
+        assert_eq!(buf.pending(), 3);
+        assert!(matches!(
+            buf.push(&[b'x'; 20]),
+            Err(SyncError::LineTooLong(16))
+        ));
+    }
+
+    fn change(seq: u64, id: &str) -> Change {
+        Change {
+            seq,
+            at_ms: 0,
+            ops: vec![Op::Put {
+                entity: Entity::Tenant(TenantRecord {
+                    id: id.into(),
+                    name: "n".into(),
+                }),
+            }],
+        }
+    }
+
+    #[test]
+    fn batches_must_be_consecutive_and_valid() {
+        assert_eq!(
+            check_batch(4, &[change(5, "a"), change(6, "b")])
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(matches!(
+            check_batch(4, &[change(5, "a"), change(7, "b")]),
+            Err(SyncError::OutOfOrder {
+                expected: 6,
+                got: 7
+            })
+        ));
+        assert!(matches!(
+            check_batch(4, &[change(4, "a")]),
+            Err(SyncError::OutOfOrder {
+                expected: 5,
+                got: 4
+            })
+        ));
+        assert!(matches!(
+            check_batch(4, &[change(5, "")]),
+            Err(SyncError::Record(_))
+        ));
+    }
+}
