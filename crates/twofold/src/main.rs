@@ -106,6 +106,13 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Say on stdout where a plane listens, in one stable line (`twofold <plane>
+/// listening on http://ADDR`), so scripts and tests can use port 0.
+fn announce(plane: &str, listener: &TcpListener) -> anyhow::Result<()> {
+    println!("twofold {plane} listening on http://{}", listener.local_addr()?);
+    Ok(())
+}
+
 /// Cancel `token` on Ctrl-C or SIGTERM.
 fn cancel_on_signal(token: CancellationToken) {
     tokio::spawn(async move {
@@ -155,6 +162,7 @@ async fn run_control(args: ControlArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    announce("control", &listener)?;
     cancel_on_signal(shutdown);
     twofold_control::serve(listener, state).await?;
     Ok(())
@@ -177,6 +185,7 @@ async fn run_data(args: DataArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    announce("data", &listener)?;
     cancel_on_signal(shutdown);
     twofold_data::server::serve(listener, node, replica).await?;
     Ok(())
