@@ -63,6 +63,18 @@ impl ThrottlePolicy {
         })
     }
 
+    pub fn free_failures(&self) -> u32 {
+        self.free_failures
+    }
+
+    pub fn base_secs(&self) -> u64 {
+        self.base_secs
+    }
+
+    pub fn max_secs(&self) -> u64 {
+        self.max_secs
+    }
+
     pub fn lock_after(&self) -> u32 {
         self.lock_after
     }

@@ -1,0 +1,354 @@
+//! Settings: command-line flags, then `TWOFOLD_*` environment variables (both
+//! parsed by clap), then an optional TOML file, then the documented defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use serde::Deserialize;
+use twofold_core::throttle::ThrottlePolicy;
+
+pub const DEFAULT_DATA_DIR: &str = "./twofold-data";
+pub const DEFAULT_CONTROL_LISTEN: &str = "127.0.0.1:7070";
+pub const DEFAULT_DATA_LISTEN: &str = "127.0.0.1:7071";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Settings every command takes.
+#[derive(Debug, Args)]
+pub struct CommonArgs {
+    /// TOML file with settings; flags and environment variables override it.
+    #[arg(long, env = "TWOFOLD_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Directory for databases and the master key file [default: ./twofold-data].
+    #[arg(long, env = "TWOFOLD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// File holding the base64 master key that seals secrets and keys hashes.
+    /// Created with mode 0600 on first start if missing [default:
+    /// DATA_DIR/master.key]. TWOFOLD_MASTER_KEY may carry the key itself.
+    #[arg(long, env = "TWOFOLD_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
+
+    /// Log format [default: text]. The level is set with TWOFOLD_LOG (for example
+    /// `info` or `twofold_data=debug`).
+    #[arg(long, env = "TWOFOLD_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// Control-plane settings.
+#[derive(Debug, Args)]
+pub struct ControlArgs {
+    /// Address the control plane listens on [default: 127.0.0.1:7070].
+    #[arg(long, env = "TWOFOLD_CONTROL_LISTEN")]
+    pub listen: Option<SocketAddr>,
+
+    /// Operator token (starts with `tfo_`). If unset, one is generated on first
+    /// start, printed once, and only its hash is stored.
+    #[arg(long, env = "TWOFOLD_OPERATOR_TOKEN", hide_env_values = true)]
+    pub operator_token: Option<String>,
+
+    /// Changes kept in the log, counted back from the head [default: 1000000].
+    #[arg(long, env = "TWOFOLD_RETAIN_CHANGES")]
+    pub retain_changes: Option<u64>,
+
+    /// Seconds a change is kept in the log [default: 604800, 7 days].
+    #[arg(long, env = "TWOFOLD_RETAIN_SECS")]
+    pub retain_secs: Option<u64>,
+}
+
+/// Data-plane settings.
+#[derive(Debug, Args)]
+pub struct DataArgs {
+    /// Address the data plane listens on [default: 127.0.0.1:7071].
+    #[arg(long, env = "TWOFOLD_DATA_LISTEN")]
+    pub listen: Option<SocketAddr>,
+
+    /// Control-plane base URL to replicate from; repeat, or separate with commas,
+    /// for several (any one will do).
+    #[arg(
+        long = "control-url",
+        env = "TWOFOLD_CONTROL_URLS",
+        value_delimiter = ','
+    )]
+    pub control_urls: Vec<String>,
+
+    /// Node key (scope replicate) for the feed, from `POST /v1/node-keys`.
+    #[arg(long, env = "TWOFOLD_NODE_TOKEN", hide_env_values = true)]
+    pub node_token: Option<String>,
+
+    /// Make each backup-code use wait for the control plane's acknowledgement,
+    /// failing closed while it is down [default: false].
+    #[arg(long, env = "TWOFOLD_STRICT_BACKUP_CODES")]
+    pub strict_backup_codes: Option<bool>,
+
+    #[command(flatten)]
+    pub throttle: ThrottleArgs,
+}
+
+/// Throttling and lockout; must match the control plane's.
+#[derive(Debug, Args, Default)]
+pub struct ThrottleArgs {
+    /// Consecutive failures allowed before attempts are throttled [default: 5].
+    #[arg(long, env = "TWOFOLD_THROTTLE_FREE_FAILURES")]
+    pub free_failures: Option<u32>,
+
+    /// First throttle delay in seconds; doubles per failure [default: 30].
+    #[arg(long, env = "TWOFOLD_THROTTLE_BASE_SECS")]
+    pub backoff_base_secs: Option<u64>,
+
+    /// Longest throttle delay in seconds [default: 900].
+    #[arg(long, env = "TWOFOLD_THROTTLE_MAX_SECS")]
+    pub backoff_max_secs: Option<u64>,
+
+    /// Consecutive failures after which a user is locked until unlocked on the
+    /// control plane [default: 100].
+    #[arg(long, env = "TWOFOLD_LOCK_AFTER")]
+    pub lock_after: Option<u32>,
+}
+
+/// The TOML file. Every key is optional; unknown keys are an error.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    data_dir: Option<PathBuf>,
+    master_key_file: Option<PathBuf>,
+    log_format: Option<LogFormat>,
+    #[serde(default)]
+    control: ControlFile,
+    #[serde(default)]
+    data: DataFile,
+    #[serde(default)]
+    throttle: ThrottleFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ControlFile {
+    listen: Option<SocketAddr>,
+    operator_token: Option<String>,
+    retain_changes: Option<u64>,
+    retain_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DataFile {
+    listen: Option<SocketAddr>,
+    #[serde(default)]
+    control_urls: Vec<String>,
+    node_token: Option<String>,
+    strict_backup_codes: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ThrottleFile {
+    free_failures: Option<u32>,
+    backoff_base_secs: Option<u64>,
+    backoff_max_secs: Option<u64>,
+    lock_after: Option<u32>,
+}
+
+impl File {
+    pub fn load(path: Option<&Path>) -> anyhow::Result<File> {
+        let Some(path) = path else {
+            return Ok(File::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read settings file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("invalid settings file {}", path.display()))
+    }
+}
+
+/// Settings both planes share, resolved.
+#[derive(Debug)]
+pub struct Common {
+    pub data_dir: PathBuf,
+    pub master_key_file: Option<PathBuf>,
+    pub log_format: LogFormat,
+}
+
+pub fn common(args: &CommonArgs, file: &File) -> Common {
+    Common {
+        data_dir: args
+            .data_dir
+            .clone()
+            .or_else(|| file.data_dir.clone())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+        master_key_file: args
+            .master_key_file
+            .clone()
+            .or_else(|| file.master_key_file.clone()),
+        log_format: args
+            .log_format
+            .or(file.log_format)
+            .unwrap_or(LogFormat::Text),
+    }
+}
+
+fn default_addr(text: &str) -> SocketAddr {
+    // The defaults are literal loopback addresses.
+    text.parse()
+        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+/// Listen addresses and operator token of `twofold up`.
+pub fn up(
+    control_listen: Option<SocketAddr>,
+    data_listen: Option<SocketAddr>,
+    operator_token: Option<String>,
+    file: &File,
+) -> (SocketAddr, SocketAddr, Option<String>) {
+    (
+        control_listen
+            .or(file.control.listen)
+            .unwrap_or_else(|| default_addr(DEFAULT_CONTROL_LISTEN)),
+        data_listen
+            .or(file.data.listen)
+            .unwrap_or_else(|| default_addr(DEFAULT_DATA_LISTEN)),
+        operator_token.or_else(|| file.control.operator_token.clone()),
+    )
+}
+
+/// Control-plane settings, resolved.
+#[derive(Debug)]
+pub struct Control {
+    pub listen: SocketAddr,
+    pub operator_token: Option<String>,
+    pub retain_changes: Option<u64>,
+    pub retain_age: Option<Duration>,
+}
+
+pub fn control(args: &ControlArgs, file: &File) -> anyhow::Result<Control> {
+    let operator_token = args
+        .operator_token
+        .clone()
+        .or_else(|| file.control.operator_token.clone());
+    if let Some(token) = &operator_token
+        && (!token.starts_with("tfo_") || token.len() < 24)
+    {
+        bail!("the operator token must start with tfo_ and be at least 24 characters long");
+    }
+    Ok(Control {
+        listen: args
+            .listen
+            .or(file.control.listen)
+            .unwrap_or_else(|| default_addr(DEFAULT_CONTROL_LISTEN)),
+        operator_token,
+        retain_changes: args.retain_changes.or(file.control.retain_changes),
+        retain_age: args
+            .retain_secs
+            .or(file.control.retain_secs)
+            .map(Duration::from_secs),
+    })
+}
+
+/// Data-plane settings, resolved.
+#[derive(Debug)]
+pub struct Data {
+    pub listen: SocketAddr,
+    pub control_urls: Vec<String>,
+    pub node_token: Option<String>,
+    pub strict_backup_codes: bool,
+}
+
+pub fn data(args: &DataArgs, file: &File) -> Data {
+    Data {
+        listen: args
+            .listen
+            .or(file.data.listen)
+            .unwrap_or_else(|| default_addr(DEFAULT_DATA_LISTEN)),
+        control_urls: if args.control_urls.is_empty() {
+            file.data.control_urls.clone()
+        } else {
+            args.control_urls.clone()
+        },
+        node_token: args
+            .node_token
+            .clone()
+            .or_else(|| file.data.node_token.clone()),
+        strict_backup_codes: args
+            .strict_backup_codes
+            .or(file.data.strict_backup_codes)
+            .unwrap_or(false),
+    }
+}
+
+/// The throttle policy, from flags, environment, file and defaults.
+pub fn throttle(args: &ThrottleArgs, file: &File) -> anyhow::Result<ThrottlePolicy> {
+    let default = ThrottlePolicy::default();
+    let f = &file.throttle;
+    ThrottlePolicy::try_new(
+        args.free_failures
+            .or(f.free_failures)
+            .unwrap_or(default.free_failures()),
+        args.backoff_base_secs
+            .or(f.backoff_base_secs)
+            .unwrap_or(default.base_secs()),
+        args.backoff_max_secs
+            .or(f.backoff_max_secs)
+            .unwrap_or(default.max_secs()),
+        args.lock_after
+            .or(f.lock_after)
+            .unwrap_or(default.lock_after()),
+    )
+    .context("invalid throttle settings")
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Probe {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        data: DataArgs,
+    }
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let file: File = toml::from_str(
+            r#"
+            data_dir = "/from/file"
+            [data]
+            listen = "127.0.0.1:9000"
+            control_urls = ["http://a:1"]
+            [throttle]
+            lock_after = 50
+            "#,
+        )
+        .unwrap();
+        let probe = Probe::parse_from(["probe", "--listen", "127.0.0.1:9001"]);
+        let common = common(&probe.common, &file);
+        assert_eq!(common.data_dir, PathBuf::from("/from/file"));
+        assert_eq!(common.log_format, LogFormat::Text);
+        let data = data(&probe.data, &file);
+        assert_eq!(data.listen, "127.0.0.1:9001".parse().unwrap());
+        assert_eq!(data.control_urls, vec!["http://a:1".to_owned()]);
+        assert!(!data.strict_backup_codes);
+        let policy = throttle(&probe.data.throttle, &file).unwrap();
+        assert_eq!(policy.lock_after(), 50);
+        assert_eq!(policy.free_failures(), 5);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        assert!(toml::from_str::<File>("colour = 1").is_err());
+        assert!(toml::from_str::<File>("[data]\nlisten = \"nowhere\"").is_err());
+        let file: File = toml::from_str("[throttle]\nlock_after = 500").unwrap();
+        assert!(throttle(&ThrottleArgs::default(), &file).is_err());
+    }
+}
