@@ -266,6 +266,26 @@ pub struct UsageAck {
     pub seq: u64,
 }
 
+/// Body of `POST /v1/feed/backup-code-use`: a data plane in strict mode asks the
+/// control plane to mark a backup code used before it accepts it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupCodeUse {
+    pub tenant: String,
+    pub user: String,
+    pub set_id: String,
+    pub index: u32,
+}
+
+/// Answer to a [`BackupCodeUse`]: `accepted` is false when the code was already
+/// used (on any node) or its set was replaced. The result is in the log at or
+/// before `seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupCodeUseAck {
+    pub accepted: bool,
+    pub seq: u64,
+}
+
 /// An order-independent digest of a set of entities: the sum modulo 2^256 of the
 /// SHA-256 of each entity's canonical bytes. Adding the same set in any order gives
 /// the same value, so two planes holding the same state agree without sorting.

@@ -17,11 +17,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use twofold_core::feed::{BackupCodeUse, UsageEvent};
 use twofold_core::ids::{API_KEY_HASH_DOMAIN, UserId};
 
 use crate::index::{lock, user_key};
 use crate::metrics::OutcomeLabels;
 use crate::node::Node;
+use crate::report;
 use crate::verify::{Attempt, Outcome};
 
 /// Longest code input looked at; anything longer is refused as malformed.
@@ -162,10 +164,11 @@ async fn verify_inner(
         .hash_key()
         .hash(API_KEY_HASH_DOMAIN, token.as_bytes());
     let request = parse_request(headers, body)?;
-    let (outcome, events) = {
+    let ukey;
+    let (mut outcome, mut events) = {
         let index = node.index();
         let key = index.key(&hash).ok_or_else(ApiError::unauthorized)?;
-        let ukey = user_key(&key.tenant, &request.user);
+        ukey = user_key(&key.tenant, &request.user);
         let attempt = Attempt {
             tenant: &key.tenant,
             user: &request.user,
@@ -182,6 +185,27 @@ async fn verify_inner(
             None => (node.verifier.attempt_unknown(&ukey, attempt), Vec::new()),
         }
     };
+    if node.config.strict_backup_codes
+        && let Some(code) = backup_use(&events)
+    {
+        match report::confirm_backup_code(node, &code).await {
+            Ok(ack) if ack.accepted => {}
+            Ok(_) => {
+                // Used on another node already: the same answer as any wrong code.
+                outcome = Outcome::Invalid;
+                events.clear();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "strict mode: no control plane confirmed a backup code");
+                unmark_backup(node, &ukey, &code);
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "control_plane_unavailable",
+                    "backup codes need the control plane in strict mode, and it is unreachable; retry",
+                ));
+            }
+        }
+    }
     if !events.is_empty() {
         // Replay protection must survive a crash before the code is reported
         // valid, so wait for the outbox to commit. A failure here fails closed.
@@ -236,6 +260,37 @@ async fn verify_inner(
             .into_response(),
         ),
     })
+}
+
+/// The backup-code use among an attempt's events, if any.
+fn backup_use(events: &[(u64, UsageEvent)]) -> Option<BackupCodeUse> {
+    events.iter().find_map(|(_, event)| match event {
+        UsageEvent::BackupCodeUsed {
+            tenant,
+            user,
+            set_id,
+            index,
+        } => Some(BackupCodeUse {
+            tenant: tenant.clone(),
+            user: user.clone(),
+            set_id: set_id.clone(),
+            index: *index,
+        }),
+        _ => None,
+    })
+}
+
+/// Strict mode could not confirm a use: give the code back on this node, so the
+/// user can try it again once the control plane answers.
+fn unmark_backup(node: &Node, ukey: &str, code: &BackupCodeUse) {
+    if let Some(user) = node.index().user(ukey) {
+        let mut user = lock(&user);
+        if let Some(set) = user.backup.as_mut().filter(|s| &*s.set_id == code.set_id.as_str())
+            && let Some(used) = set.used.get_mut(code.index as usize)
+        {
+            *used = false;
+        }
+    }
 }
 
 async fn healthz() -> Json<serde_json::Value> {

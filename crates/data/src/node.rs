@@ -15,6 +15,9 @@ use crate::metrics::Metrics;
 use crate::outbox::{Opened, Outbox, Stored};
 use crate::verify::Verifier;
 
+/// How long a connection to a control plane may take to open.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Where the node's replica stands, for readiness, metrics and reports.
 #[derive(Debug, Default)]
 pub struct SyncStatus {
@@ -42,6 +45,8 @@ pub struct Node {
     /// This node's events with ids up to this are reflected in the replica.
     covered_through: AtomicU64,
     pub sync: SyncStatus,
+    /// The one HTTP client for the feed, usage reports and strict mode.
+    pub http: reqwest::Client,
     pub metrics: Metrics,
     /// Wakes the usage reporter when new events are recorded.
     pub report_wake: Notify,
@@ -87,6 +92,10 @@ impl Node {
             })
             .collect();
         replay_local(&index, &stored, covered);
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         let node = Node {
             config,
             index: RwLock::new(Arc::new(index)),
@@ -97,6 +106,7 @@ impl Node {
             acks: Mutex::new(acks),
             covered_through: AtomicU64::new(covered),
             sync: SyncStatus::default(),
+            http,
             metrics: Metrics::default(),
             report_wake: Notify::new(),
             shutdown,

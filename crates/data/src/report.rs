@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use reqwest::header::CONTENT_TYPE;
-use twofold_core::feed::{NumberedEvent, UsageAck, UsageReport};
+use twofold_core::feed::{BackupCodeUse, BackupCodeUseAck, NumberedEvent, UsageAck, UsageReport};
 
 use crate::node::Node;
 use crate::sync::Backoff;
@@ -56,18 +56,36 @@ pub async fn send(
     serde_json::from_slice(&bytes).map_err(|e| ReportError::Ack(e.to_string()))
 }
 
+/// Strict mode: ask a control plane to mark a backup code used, trying each
+/// configured one in turn within the strict timeout.
+pub async fn confirm_backup_code(node: &Node, code: &BackupCodeUse) -> Result<BackupCodeUseAck, ReportError> {
+    let body = serde_json::to_vec(code).map_err(|e| ReportError::Ack(e.to_string()))?;
+    let mut last = ReportError::Status(StatusCode::SERVICE_UNAVAILABLE);
+    for url in &node.config.control_urls {
+        let sent = node
+            .http
+            .post(format!("{}/v1/feed/backup-code-use", url.trim_end_matches('/')))
+            .bearer_auth(&node.config.node_token)
+            .header(CONTENT_TYPE, "application/json")
+            .timeout(node.config.strict_timeout)
+            .body(body.clone())
+            .send()
+            .await;
+        match sent {
+            Ok(response) if response.status() == StatusCode::OK => {
+                let bytes = response.bytes().await?;
+                return serde_json::from_slice(&bytes).map_err(|e| ReportError::Ack(e.to_string()));
+            }
+            Ok(response) => last = ReportError::Status(response.status()),
+            Err(e) => last = ReportError::Http(e),
+        }
+    }
+    Err(last)
+}
+
 /// Report until shutdown.
 pub async fn run(node: Arc<Node>) {
-    let client = match reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .build()
-    {
-        Ok(client) => client,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot build the report client; usage is not reported");
-            return;
-        }
-    };
+    let client = node.http.clone();
     let mut backoff = Backoff::new(node.config.backoff_base, node.config.backoff_max);
     let mut url_index = 0usize;
     loop {

@@ -156,16 +156,7 @@ pub fn check_batch(applied: u64, changes: &[Change]) -> Result<Vec<Prepared>, Sy
 
 /// The sync loop. Runs until the node shuts down.
 pub async fn run(node: Arc<Node>, replica: Replica) {
-    let client = match reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .build()
-    {
-        Ok(client) => client,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot build the feed client; sync is off");
-            return;
-        }
-    };
+    let client = node.http.clone();
     let mut replica = Some(replica);
     let mut backoff = Backoff::new(node.config.backoff_base, node.config.backoff_max);
     let mut url_index = 0usize;

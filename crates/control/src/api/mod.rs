@@ -81,6 +81,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
                 router.layer(DefaultBodyLimit::max(usage::BODY_LIMIT)),
             )
         })
+        .routes(routes!(usage::use_backup_code))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
             REQUEST_TIMEOUT,

@@ -4,7 +4,7 @@
 
 use axum::Json;
 use axum::extract::State;
-use twofold_core::feed::{UsageAck, UsageEvent, UsageReport};
+use twofold_core::feed::{BackupCodeUse, BackupCodeUseAck, UsageAck, UsageEvent, UsageReport};
 use twofold_core::ids::UserId;
 
 use super::ApiJson;
@@ -69,6 +69,40 @@ pub async fn report(
             Ok(s.store
                 .apply_usage(now, &report.node, &report.events, &s.config.throttle)?)
         })
+        .await?;
+    Ok(Json(ack))
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/feed/backup-code-use",
+    tag = "feed",
+    operation_id = "feed_backup_code_use",
+    security(("bearer" = [])),
+    request_body(content = Object, description = "`{\"tenant\", \"user\", \"set_id\", \"index\"}`: a data plane in strict mode asks to mark this backup code used before accepting it"),
+    responses(
+        (status = 200, description = "`{\"accepted\": bool, \"seq\": seq}`: `accepted` is false when the code was already used or its set replaced", body = Object),
+        (status = 400, description = "invalid_report or invalid_json", body = ErrorBody),
+        (status = 401, description = "missing or invalid credentials", body = ErrorBody),
+        (status = 403, description = "the caller is neither the operator nor a key with the `replicate` scope", body = ErrorBody),
+    ),
+)]
+pub async fn use_backup_code(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(code): ApiJson<BackupCodeUse>,
+) -> Result<Json<BackupCodeUseAck>, ApiError> {
+    caller.require_replicate()?;
+    if code.tenant.is_empty() || code.tenant.len() > 64 || UserId::try_new(code.user.as_str()).is_err() {
+        return Err(ApiError::bad_request("invalid_report", "invalid tenant or user"));
+    }
+    let node = match &caller {
+        Caller::Operator => "operator".to_owned(),
+        Caller::Key(key) => key.id.clone(),
+    };
+    let now = state.clock.now_ms();
+    let ack = state
+        .blocking(move |s| Ok(s.store.use_backup_code(now, &node, &code)?))
         .await?;
     Ok(Json(ack))
 }

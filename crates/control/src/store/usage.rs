@@ -9,7 +9,9 @@
 use std::collections::BTreeMap;
 
 use rusqlite::{OptionalExtension, params};
-use twofold_core::feed::{Entity, EntityKey, NumberedEvent, Op, UsageAck, UsageEvent};
+use twofold_core::feed::{
+    BackupCodeUse, BackupCodeUseAck, Entity, EntityKey, NumberedEvent, Op, UsageAck, UsageEvent,
+};
 use twofold_core::throttle::{Throttle, ThrottlePolicy};
 
 use super::entities::{self, backup_codes_of, put_user_state, user_exists, user_state_of};
@@ -75,6 +77,33 @@ impl Store {
         // change just committed.
         Ok(UsageAck {
             through,
+            seq: self.head(),
+        })
+    }
+}
+
+impl Store {
+    /// Mark one backup code used, if it is not already. Returns whether this call
+    /// used it, and the head seq after.
+    pub fn use_backup_code(&self, now_ms: i64, node: &str, code: &BackupCodeUse) -> Result<BackupCodeUseAck> {
+        let actor = Actor::Key(node.to_owned());
+        let accepted = self.write(now_ms, &actor, None, |w| {
+            let event = UsageEvent::BackupCodeUsed {
+                tenant: code.tenant.clone(),
+                user: code.user.clone(),
+                set_id: code.set_id.clone(),
+                index: code.index,
+            };
+            let mut touched = BTreeMap::new();
+            merge(w, &event, &ThrottlePolicy::default(), &mut touched)?;
+            let accepted = !touched.is_empty();
+            for entity in touched.into_values() {
+                w.publish(Op::Put { entity });
+            }
+            Ok(accepted)
+        })?;
+        Ok(BackupCodeUseAck {
+            accepted,
             seq: self.head(),
         })
     }
