@@ -139,15 +139,19 @@ fn is_busy(e: &rusqlite::Error) -> bool {
 
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> ApiError {
-        let status = rejection.status();
-        let code = match rejection {
-            JsonRejection::MissingJsonContentType(_) => "unsupported_media_type",
-            JsonRejection::BytesRejection(_) if status == StatusCode::PAYLOAD_TOO_LARGE => {
-                "body_too_large"
+        let (status, code) = match rejection {
+            JsonRejection::MissingJsonContentType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
-            _ => "invalid_json",
+            JsonRejection::BytesRejection(ref r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large")
+            }
+            // Syntax and data errors (unknown field, wrong type) alike are a bad
+            // request, as on every route that parses its body itself.
+            _ => (StatusCode::BAD_REQUEST, "invalid_json"),
         };
-        // The rejection's text names the field and the problem, never a value.
+        // The text goes back only to the caller who sent the body; it is never
+        // logged.
         ApiError::new(status, code, rejection.body_text())
     }
 }

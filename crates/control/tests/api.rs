@@ -351,7 +351,7 @@ async fn bad_bodies_are_refused_in_the_error_format() {
             post(path, token).json(&json!({"name": "x", "scopes": ["manage"], "admin": true})),
         )
         .await;
-        assert!(got.0.is_client_error(), "{path}: {}", got.0);
+        assert_eq!(got.0, StatusCode::BAD_REQUEST, "{path}");
         assert_error_shape(&got.1);
         assert_eq!(got.1["error"]["code"], "invalid_json", "{path}");
         assert!(
@@ -1544,4 +1544,27 @@ async fn concurrent_enrolments_respect_the_limit() {
     assert_eq!(created, 5);
     let (_, list) = s.get("/v1/users/alice/factors", &tenant.manage).await;
     assert_eq!(list["factors"].as_array().expect("factors").len(), 5);
+}
+
+#[tokio::test]
+async fn enrolment_body_must_be_json_when_present() {
+    let server = TestServer::start().await;
+    let tenant = server.tenant("acme").await;
+    let path = format!("/v1/users/{}/totp", enc("alice"));
+    let got = send(
+        server
+            .request(Method::POST, &path, Some(&tenant.manage))
+            .header("content-type", "text/plain")
+            .body(r#"{"digits": 8}"#),
+    )
+    .await;
+    assert_error(
+        &got,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    );
+    // No body at all enrols with the defaults.
+    let got = send(server.request(Method::POST, &path, Some(&tenant.manage))).await;
+    assert_eq!(got.0, StatusCode::CREATED, "{}", got.1);
+    assert_eq!(got.1["digits"], 6);
 }

@@ -12,7 +12,6 @@ use axum::Router;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts};
 use axum::http::StatusCode;
-use tower_http::timeout::TimeoutLayer;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -49,6 +48,22 @@ impl From<QueryRejection> for ApiError {
 /// How long a plain (non-streaming) request may take before it is answered 503.
 const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Answer `503 timeout` in the API's error format when a request takes longer
+/// than [`REQUEST_TIMEOUT`] (for example while the database is locked).
+async fn time_limit(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => axum::response::IntoResponse::into_response(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "timeout",
+            "the request took too long; retry later",
+        )),
+    }
+}
+
 /// Every route with its OpenAPI operation. The router and the document are both
 /// built from this one list, so neither can hold a route the other lacks; add a
 /// route here with `routes!`, never with a bare `route`.
@@ -82,10 +97,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
             )
         })
         .routes(routes!(usage::use_backup_code))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            REQUEST_TIMEOUT,
-        ));
+        .layer(axum::middleware::from_fn(time_limit));
     // Feed streams are long-lived, so they sit outside the request timeout.
     let streams = OpenApiRouter::new()
         .routes(routes!(feed::snapshot))

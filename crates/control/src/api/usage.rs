@@ -93,8 +93,14 @@ pub async fn use_backup_code(
     ApiJson(code): ApiJson<BackupCodeUse>,
 ) -> Result<Json<BackupCodeUseAck>, ApiError> {
     caller.require_replicate()?;
-    if code.tenant.is_empty() || code.tenant.len() > 64 || UserId::try_new(code.user.as_str()).is_err() {
-        return Err(ApiError::bad_request("invalid_report", "invalid tenant or user"));
+    if code.tenant.is_empty()
+        || code.tenant.len() > 64
+        || UserId::try_new(code.user.as_str()).is_err()
+    {
+        return Err(ApiError::bad_request(
+            "invalid_report",
+            "invalid tenant or user",
+        ));
     }
     let node = match &caller {
         Caller::Operator => "operator".to_owned(),

@@ -6,7 +6,7 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use data_encoding::BASE64;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -35,10 +35,25 @@ fn factor_id(raw: &str) -> Result<FactorId, ApiError> {
     raw.parse().map_err(|_| ApiError::not_found("factor"))
 }
 
-/// A JSON body that may be left out entirely.
-fn optional_json<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T, ApiError> {
+/// A JSON body that may be left out entirely; when present it must be sent as
+/// JSON, as on every other route.
+fn optional_json<T: DeserializeOwned + Default>(
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<T, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
+    }
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !json {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "Expected request with `Content-Type: application/json`",
+        ));
     }
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid request body: {e}")))
@@ -123,12 +138,13 @@ pub async fn enroll(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(user): ApiPath<String>,
+    headers: HeaderMap,
     // Taken as a `Result` so an oversized body answers in the API's error format.
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Enrolled>), ApiError> {
     let tenant = caller.tenant_with(Scope::Manage)?.to_owned();
     let user = user_id(user)?;
-    let body: Enroll = optional_json(&body?)?;
+    let body: Enroll = optional_json(&headers, &body?)?;
     let params = params_of(&body)?;
     let qr_format = body.qr.as_deref().unwrap_or("svg");
     if !["svg", "png", "none"].contains(&qr_format) {

@@ -85,7 +85,12 @@ impl Store {
 impl Store {
     /// Mark one backup code used, if it is not already. Returns whether this call
     /// used it, and the head seq after.
-    pub fn use_backup_code(&self, now_ms: i64, node: &str, code: &BackupCodeUse) -> Result<BackupCodeUseAck> {
+    pub fn use_backup_code(
+        &self,
+        now_ms: i64,
+        node: &str,
+        code: &BackupCodeUse,
+    ) -> Result<BackupCodeUseAck> {
         let actor = Actor::Key(node.to_owned());
         let accepted = self.write(now_ms, &actor, None, |w| {
             let event = UsageEvent::BackupCodeUsed {

@@ -1,0 +1,241 @@
+//! Merging data planes' usage reports: steps by max, used codes by union,
+//! failures through the throttle policy, retries harmless; strict backup-code use.
+
+mod common;
+
+use common::{OPERATOR, TestServer, enc};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use twofold_core::feed::{Entity, SnapshotLine};
+
+fn event(id: u64, body: Value) -> Value {
+    let mut event = body;
+    event["id"] = json!(id);
+    event
+}
+
+/// The entities of the current snapshot.
+async fn entities(server: &TestServer) -> Vec<Entity> {
+    server
+        .snapshot(OPERATOR)
+        .await
+        .into_iter()
+        .filter_map(|line| match line {
+            SnapshotLine::Entity { entity } => Some(entity),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn reports_merge_and_retries_change_nothing() {
+    let server = TestServer::start().await;
+    let tenant = server.tenant("acme").await;
+    let factor = server.active_factor(&tenant.manage, "alice").await;
+    server.backup_codes(&tenant.manage, "alice").await;
+    let set_id = entities(&server)
+        .await
+        .into_iter()
+        .find_map(|e| match e {
+            Entity::BackupCodes(b) => Some(b.set_id),
+            _ => None,
+        })
+        .expect("a backup set");
+
+    let t = &tenant.id;
+    let report = json!({"node": "node_a", "events": [
+        event(1, json!({"type": "totp_accepted", "tenant": t, "user": "alice", "factor": factor.id, "step": 99_000_000_000u64})),
+        event(2, json!({"type": "totp_accepted", "tenant": t, "user": "alice", "factor": factor.id, "step": 5})),
+        event(3, json!({"type": "backup_code_used", "tenant": t, "user": "alice", "set_id": set_id, "index": 4})),
+        event(4, json!({"type": "failure", "tenant": t, "user": "alice", "at": 1_700_000_000u64})),
+        event(5, json!({"type": "failure", "tenant": t, "user": "nobody", "at": 1_700_000_000u64})),
+    ]});
+    let head_before = server.head().await;
+    let (status, ack) = server
+        .post("/v1/feed/usage", OPERATOR, report.clone())
+        .await;
+    assert_eq!(status, StatusCode::OK, "{ack}");
+    assert_eq!(ack["through"], 5);
+    let head = ack["seq"].as_u64().expect("seq");
+    assert_eq!(head, head_before + 1, "one change for the whole report");
+
+    let state = entities(&server).await;
+    let last_step = state.iter().find_map(|e| match e {
+        Entity::Totp(f) if f.id == factor.id => f.last_step,
+        _ => None,
+    });
+    assert_eq!(last_step, Some(99_000_000_000), "steps merge by max");
+    let used: Vec<bool> = state
+        .iter()
+        .find_map(|e| match e {
+            Entity::BackupCodes(b) => Some(b.codes.iter().map(|c| c.used).collect()),
+            _ => None,
+        })
+        .expect("codes");
+    assert_eq!(used.iter().filter(|u| **u).count(), 1);
+    assert!(used[4]);
+    let failures = state.iter().find_map(|e| match e {
+        Entity::UserState(u) if u.user == "alice" => Some(u.failures),
+        _ => None,
+    });
+    assert_eq!(failures, Some(1));
+    assert!(
+        !state
+            .iter()
+            .any(|e| matches!(e, Entity::UserState(u) if u.user == "nobody")),
+        "failures of unknown users are not recorded"
+    );
+    let (_, summary) = server
+        .get(
+            &format!("/v1/users/{}/backup-codes", enc("alice")),
+            &tenant.manage,
+        )
+        .await;
+    assert_eq!(summary["remaining"], 9);
+
+    // The same report again (a retry after a lost answer) changes nothing.
+    let (status, again) = server.post("/v1/feed/usage", OPERATOR, report).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(again["through"], 5);
+    assert_eq!(
+        server.head().await,
+        head,
+        "a retried report publishes nothing"
+    );
+
+    // A success resets the count.
+    let (status, _) = server
+        .post(
+            "/v1/feed/usage",
+            OPERATOR,
+            json!({"node": "node_a", "events": [event(6, json!({"type": "success", "tenant": t, "user": "alice"}))]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let failures = entities(&server).await.into_iter().find_map(|e| match e {
+        Entity::UserState(u) if u.user == "alice" => Some(u.failures),
+        _ => None,
+    });
+    assert_eq!(failures, Some(0));
+}
+
+#[tokio::test]
+async fn failures_from_several_nodes_combine_into_a_throttle() {
+    let server = TestServer::start().await;
+    let tenant = server.tenant("acme").await;
+    server.active_factor(&tenant.manage, "alice").await;
+    for (node, first) in [("node_a", 1), ("node_b", 1)] {
+        let events: Vec<Value> = (first..first + 3)
+            .map(|id| {
+                event(
+                    id,
+                    json!({"type": "failure", "tenant": tenant.id, "user": "alice", "at": 1_700_000_000u64}),
+                )
+            })
+            .collect();
+        let (status, body) = server
+            .post(
+                "/v1/feed/usage",
+                OPERATOR,
+                json!({"node": node, "events": events}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let state = entities(&server)
+        .await
+        .into_iter()
+        .find_map(|e| match e {
+            Entity::UserState(u) => Some(u),
+            _ => None,
+        })
+        .expect("user state");
+    assert_eq!(state.failures, 6, "each node's cursor is its own");
+    assert_eq!(state.throttled_until, Some(1_700_000_000 + 60));
+    let (_, listed) = server
+        .get(
+            &format!("/v1/users/{}/factors", enc("alice")),
+            &tenant.manage,
+        )
+        .await;
+    assert_eq!(listed["failures"], 6);
+}
+
+#[tokio::test]
+async fn reports_are_validated_and_may_exceed_the_default_body_limit() {
+    let server = TestServer::start().await;
+    let tenant = server.tenant("acme").await;
+    let manage_only = server.create_key(&tenant.id, &["manage"]).await;
+    let (status, _) = server
+        .post(
+            "/v1/feed/usage",
+            &manage_only.secret,
+            json!({"node": "n", "events": []}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    for bad in [
+        json!({"node": "", "events": []}),
+        json!({"node": "n", "events": [event(1, json!({"type": "failure", "tenant": tenant.id, "user": "a\u{0}b", "at": 1}))]}),
+        json!({"node": "n", "events": [event(1, json!({"type": "teleport", "tenant": tenant.id, "user": "a"}))]}),
+        json!({"node": "n", "events": [], "extra": 1}),
+    ] {
+        let (status, body) = server.post("/v1/feed/usage", OPERATOR, bad.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad} -> {body}");
+    }
+    // 900 events with long user ids: well over the 64 KiB default limit.
+    let long_user = "u".repeat(200);
+    let events: Vec<Value> = (1..=900)
+        .map(|id| {
+            event(
+                id,
+                json!({"type": "success", "tenant": tenant.id, "user": long_user}),
+            )
+        })
+        .collect();
+    let report = json!({"node": "big", "events": events});
+    assert!(report.to_string().len() > 64 * 1024);
+    let (status, ack) = server.post("/v1/feed/usage", OPERATOR, report).await;
+    assert_eq!(status, StatusCode::OK, "{ack}");
+    assert_eq!(ack["through"], 900);
+}
+
+#[tokio::test]
+async fn strict_backup_code_use_is_accepted_once() {
+    let server = TestServer::start().await;
+    let tenant = server.tenant("acme").await;
+    server.backup_codes(&tenant.manage, "bob").await;
+    let set_id = entities(&server)
+        .await
+        .into_iter()
+        .find_map(|e| match e {
+            Entity::BackupCodes(b) => Some(b.set_id),
+            _ => None,
+        })
+        .expect("a backup set");
+    let node = server.create_node_key().await;
+    let body = json!({"tenant": tenant.id, "user": "bob", "set_id": set_id, "index": 2});
+    let (status, first) = server
+        .post("/v1/feed/backup-code-use", &node.secret, body.clone())
+        .await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert_eq!(first["accepted"], true);
+    let (_, second) = server
+        .post("/v1/feed/backup-code-use", &node.secret, body)
+        .await;
+    assert_eq!(
+        second["accepted"], false,
+        "a code is used once, on any node"
+    );
+    let (_, other_set) = server
+        .post(
+            "/v1/feed/backup-code-use",
+            &node.secret,
+            json!({"tenant": tenant.id, "user": "bob", "set_id": "fa_aaaaaaaaaaaaaaaa", "index": 3}),
+        )
+        .await;
+    assert_eq!(
+        other_set["accepted"], false,
+        "a code of a replaced set is not accepted"
+    );
+}
