@@ -285,7 +285,10 @@ fn backup_use(events: &[(u64, UsageEvent)]) -> Option<BackupCodeUse> {
 fn unmark_backup(node: &Node, ukey: &str, code: &BackupCodeUse) {
     if let Some(user) = node.index().user(ukey) {
         let mut user = lock(&user);
-        if let Some(set) = user.backup.as_mut().filter(|s| &*s.set_id == code.set_id.as_str())
+        if let Some(set) = user
+            .backup
+            .as_mut()
+            .filter(|s| &*s.set_id == code.set_id.as_str())
             && let Some(used) = set.used.get_mut(code.index as usize)
         {
             *used = false;

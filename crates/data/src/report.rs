@@ -58,13 +58,19 @@ pub async fn send(
 
 /// Strict mode: ask a control plane to mark a backup code used, trying each
 /// configured one in turn within the strict timeout.
-pub async fn confirm_backup_code(node: &Node, code: &BackupCodeUse) -> Result<BackupCodeUseAck, ReportError> {
+pub async fn confirm_backup_code(
+    node: &Node,
+    code: &BackupCodeUse,
+) -> Result<BackupCodeUseAck, ReportError> {
     let body = serde_json::to_vec(code).map_err(|e| ReportError::Ack(e.to_string()))?;
     let mut last = ReportError::Status(StatusCode::SERVICE_UNAVAILABLE);
     for url in &node.config.control_urls {
         let sent = node
             .http
-            .post(format!("{}/v1/feed/backup-code-use", url.trim_end_matches('/')))
+            .post(format!(
+                "{}/v1/feed/backup-code-use",
+                url.trim_end_matches('/')
+            ))
             .bearer_auth(&node.config.node_token)
             .header(CONTENT_TYPE, "application/json")
             .timeout(node.config.strict_timeout)

@@ -15,6 +15,7 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use futures_util::StreamExt;
 use reqwest::StatusCode;
+use tokio_util::sync::CancellationToken;
 use twofold_core::feed::{Change, ChangeLine, Entity, SnapshotLine, StateDigest};
 
 use crate::index::{Index, Prepared, RecordError, prepare};
@@ -219,20 +220,24 @@ async fn with_replica<T: Send + 'static>(
     Ok(result?)
 }
 
-/// Read the next chunk, or fail if the stream stays silent too long.
-async fn next_chunk<S>(node: &Node, body: &mut S) -> Result<Option<bytes::Bytes>, SyncError>
+/// Read the next chunk, or fail if the stream stays silent for `silence`.
+/// `Ok(None)` means the node is shutting down.
+async fn next_chunk<S>(
+    silence: Duration,
+    shutdown: &CancellationToken,
+    body: &mut S,
+) -> Result<Option<bytes::Bytes>, SyncError>
 where
     S: futures_util::Stream<Item = Result<bytes::Bytes, reqwest::Error>> + Unpin,
 {
-    let timeout = node.config.heartbeat_timeout;
     tokio::select! {
-        chunk = tokio::time::timeout(timeout, body.next()) => match chunk {
-            Err(_) => Err(SyncError::Silent(timeout)),
+        chunk = tokio::time::timeout(silence, body.next()) => match chunk {
+            Err(_) => Err(SyncError::Silent(silence)),
             Ok(None) => Err(SyncError::Ended),
             Ok(Some(Err(e))) => Err(SyncError::Http(e)),
             Ok(Some(Ok(bytes))) => Ok(Some(bytes)),
         },
-        () = node.shutdown.cancelled() => Ok(None),
+        () = shutdown.cancelled() => Ok(None),
     }
 }
 
@@ -272,7 +277,9 @@ async fn tail(
     let mut lines = LineBuffer::new(node.config.max_line);
     let mut applied = position.applied;
     loop {
-        let Some(chunk) = next_chunk(node, &mut body).await? else {
+        let Some(chunk) =
+            next_chunk(node.config.heartbeat_timeout, &node.shutdown, &mut body).await?
+        else {
             return Ok(());
         };
         node.mark_contact();
@@ -338,7 +345,9 @@ async fn bootstrap(
     let mut body = response.bytes_stream();
     let mut lines = LineBuffer::new(node.config.max_line);
     while end.is_none() {
-        let Some(chunk) = next_chunk(node, &mut body).await? else {
+        let Some(chunk) =
+            next_chunk(node.config.heartbeat_timeout, &node.shutdown, &mut body).await?
+        else {
             return Err(SyncError::Snapshot("shutting down".into()));
         };
         node.mark_contact();
@@ -465,6 +474,81 @@ mod tests {
                     name: "n".into(),
                 }),
             }],
+        }
+    }
+
+    type Chunk = Result<bytes::Bytes, reqwest::Error>;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_stream_is_dead_after_the_timeout() {
+        let silence = Duration::from_secs(15);
+        let shutdown = CancellationToken::new();
+        let mut quiet = futures_util::stream::pending::<Chunk>();
+        let started = tokio::time::Instant::now();
+        let result = next_chunk(silence, &shutdown, &mut quiet).await;
+        assert!(matches!(result, Err(SyncError::Silent(d)) if d == silence));
+        // The clock is paused: it moved exactly as far as the timeout.
+        assert_eq!(started.elapsed(), silence);
+
+        let mut chatty = futures_util::stream::iter(vec![Ok::<_, reqwest::Error>(
+            bytes::Bytes::from_static(b"x"),
+        )]);
+        assert_eq!(
+            next_chunk(silence, &shutdown, &mut chatty)
+                .await
+                .unwrap()
+                .unwrap(),
+            "x"
+        );
+        assert!(matches!(
+            next_chunk(silence, &shutdown, &mut chatty).await,
+            Err(SyncError::Ended)
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_ends_a_wait_without_error() {
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        let mut quiet = futures_util::stream::pending::<Chunk>();
+        assert!(
+            next_chunk(Duration::from_secs(15), &shutdown, &mut quiet)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    proptest::proptest! {
+        /// However the bytes are split into chunks, the same lines come out.
+        #[test]
+        fn lines_do_not_depend_on_chunking(
+            lines in proptest::collection::vec("[a-z{}\":0-9]{0,40}", 0..20),
+            cuts in proptest::collection::vec(0usize..2000, 0..10),
+        ) {
+            let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (text.len() + 1)).collect();
+            cuts.sort_unstable();
+            let mut buf = LineBuffer::new(64);
+            let mut got = Vec::new();
+            let mut start = 0;
+            for cut in cuts.into_iter().chain([text.len()]) {
+                for line in buf.push(&text.as_bytes()[start..cut]).unwrap() {
+                    got.push(String::from_utf8(line.to_vec()).unwrap());
+                }
+                start = cut;
+            }
+            proptest::prop_assert_eq!(got, lines);
+            proptest::prop_assert_eq!(buf.pending(), 0);
+        }
+
+        /// A run is accepted exactly when its seqs follow on from `applied`.
+        #[test]
+        fn only_consecutive_runs_are_accepted(applied in 0u64..1000, gaps in proptest::collection::vec(0u64..3, 1..10)) {
+            let mut seq = applied;
+            let changes: Vec<Change> = gaps.iter().map(|g| { seq += 1 + g; change(seq, "t") }).collect();
+            let consecutive = gaps.iter().all(|g| *g == 0);
+            proptest::prop_assert_eq!(check_batch(applied, &changes).is_ok(), consecutive);
         }
     }
 
