@@ -20,7 +20,7 @@ use serde_json::json;
 use twofold_core::feed::{BackupCodeUse, UsageEvent};
 use twofold_core::ids::{API_KEY_HASH_DOMAIN, UserId};
 
-use crate::index::{lock, user_key};
+use crate::index::{LocalEvent, lock, user_key};
 use crate::metrics::OutcomeLabels;
 use crate::node::Node;
 use crate::report;
@@ -191,13 +191,14 @@ async fn verify_inner(
         match report::confirm_backup_code(node, &code).await {
             Ok(ack) if ack.accepted => {}
             Ok(_) => {
-                // Used on another node already: the same answer as any wrong code.
+                // Used on another node already: the same answer as any wrong
+                // code, and counted as one.
                 outcome = Outcome::Invalid;
-                events.clear();
+                events = fail_instead(node, &ukey, &code, &events);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "strict mode: no control plane confirmed a backup code");
-                unmark_backup(node, &ukey, &code);
+                unmark_backup(node, &ukey, &code, &events);
                 return Err(ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "control_plane_unavailable",
@@ -281,10 +282,14 @@ fn backup_use(events: &[(u64, UsageEvent)]) -> Option<BackupCodeUse> {
 }
 
 /// Strict mode could not confirm a use: give the code back on this node, so the
-/// user can try it again once the control plane answers.
-fn unmark_backup(node: &Node, ukey: &str, code: &BackupCodeUse) {
+/// user can try it again once the control plane answers, and forget the success
+/// the attempt recorded here, which would otherwise reset the user's failures.
+fn unmark_backup(node: &Node, ukey: &str, code: &BackupCodeUse, events: &[(u64, UsageEvent)]) {
     if let Some(user) = node.index().user(ukey) {
         let mut user = lock(&user);
+        for (id, _) in events {
+            user.forget_event(*id);
+        }
         if let Some(set) = user
             .backup
             .as_mut()
@@ -294,6 +299,34 @@ fn unmark_backup(node: &Node, ukey: &str, code: &BackupCodeUse) {
             *used = false;
         }
     }
+}
+
+/// Strict mode found the code used elsewhere: forget the success the attempt
+/// recorded here and count a failure instead, as for any wrong code.
+fn fail_instead(
+    node: &Node,
+    ukey: &str,
+    code: &BackupCodeUse,
+    events: &[(u64, UsageEvent)],
+) -> Vec<(u64, UsageEvent)> {
+    let Some(user) = node.index().user(ukey) else {
+        return Vec::new();
+    };
+    let mut user = lock(&user);
+    for (id, _) in events {
+        user.forget_event(*id);
+    }
+    let at = now_secs();
+    let id = node.next_event_id();
+    user.push_event(id, LocalEvent::Failure { at });
+    vec![(
+        id,
+        UsageEvent::Failure {
+            tenant: code.tenant.clone(),
+            user: code.user.clone(),
+            at,
+        },
+    )]
 }
 
 async fn healthz() -> Json<serde_json::Value> {
@@ -316,6 +349,7 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
 }
 
 async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    node.metrics.outbox_depth.set(node.outbox.unacked());
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         node.metrics.render(&node.sync),

@@ -108,6 +108,11 @@ impl User {
         self.pending.push(Pending { id, event });
     }
 
+    /// Forget an event pushed for an attempt that was then not recorded.
+    pub fn forget_event(&mut self, id: u64) {
+        self.pending.retain(|p| p.id != id);
+    }
+
     fn is_empty(&self) -> bool {
         self.factors.is_empty()
             && self.backup.is_none()

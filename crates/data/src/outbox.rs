@@ -7,7 +7,8 @@
 //! accepted, and a code accepted just before a crash is still refused after it.
 
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
 use std::thread;
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -48,6 +49,8 @@ enum Command {
 #[derive(Debug, Clone)]
 pub struct Outbox {
     tx: mpsc::Sender<Command>,
+    /// Events stored and not yet acknowledged, kept by the outbox thread.
+    unacked: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Command {
@@ -131,13 +134,19 @@ impl Outbox {
             .map_or(0, |m| m as u64)
             .max(seen.and_then(|s| s.parse().ok()).unwrap_or(0))
             + 1;
+        let unacked = Arc::new(AtomicU64::new(
+            stored.iter().filter(|s| s.acked_seq.is_none()).count() as u64,
+        ));
         let (tx, rx) = mpsc::channel();
         thread::Builder::new()
             .name("twofold-outbox".into())
-            .spawn(move || run(conn, rx))
+            .spawn({
+                let unacked = unacked.clone();
+                move || run(conn, rx, &unacked)
+            })
             .map_err(|e| OutboxError::Other(e.to_string()))?;
         Ok(Opened {
-            outbox: Outbox { tx },
+            outbox: Outbox { tx, unacked },
             node_id,
             stored,
             next_id,
@@ -162,6 +171,12 @@ impl Outbox {
         done.await.map_err(|_| OutboxError::Closed)?
     }
 
+    /// How many stored events the control plane has not acknowledged yet. An
+    /// event counts from before `record` returns until its `ack` is processed.
+    pub fn unacked(&self) -> u64 {
+        self.unacked.load(Ordering::SeqCst)
+    }
+
     /// The control plane merged events up to `through` in change `seq`.
     pub fn ack(&self, through: u64, seq: u64) {
         let _ = self.tx.send(Command::Ack { through, seq });
@@ -174,7 +189,7 @@ impl Outbox {
     }
 }
 
-fn run(mut conn: Connection, rx: mpsc::Receiver<Command>) {
+fn run(mut conn: Connection, rx: mpsc::Receiver<Command>, unacked: &AtomicU64) {
     while let Ok(first) = rx.recv() {
         // Gather every record command already queued into one transaction.
         let mut records = Vec::new();
@@ -187,6 +202,10 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Command>) {
         }
         if !records.is_empty() {
             let result = insert(&mut conn, records.iter().flat_map(|(events, _)| events));
+            if result.is_ok() {
+                let count: usize = records.iter().map(|(events, _)| events.len()).sum();
+                unacked.fetch_add(count as u64, Ordering::SeqCst);
+            }
             for (_, reply) in records {
                 let _ = reply.send(match &result {
                     Ok(()) => Ok(()),
@@ -198,7 +217,7 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Command>) {
             }
         }
         for cmd in others {
-            if let Err(e) = handle(&conn, cmd) {
+            if let Err(e) = handle(&conn, cmd, unacked) {
                 tracing::error!(error = %e, "outbox command failed");
             }
         }
@@ -229,7 +248,7 @@ fn insert<'a>(
     Ok(())
 }
 
-fn handle(conn: &Connection, cmd: Command) -> Result<()> {
+fn handle(conn: &Connection, cmd: Command, unacked: &AtomicU64) -> Result<()> {
     match cmd {
         Command::Record(..) => Ok(()),
         Command::Unsent(limit, reply) => {
@@ -238,10 +257,13 @@ fn handle(conn: &Connection, cmd: Command) -> Result<()> {
             Ok(())
         }
         Command::Ack { through, seq } => {
-            conn.execute(
+            let acked = conn.execute(
                 "UPDATE outbox SET acked_seq = ? WHERE id <= ? AND acked_seq IS NULL",
                 params![seq as i64, through as i64],
             )?;
+            let _ = unacked.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                Some(n.saturating_sub(acked as u64))
+            });
             Ok(())
         }
         Command::Prune { applied } => {
@@ -293,8 +315,10 @@ mod tests {
             .await
             .unwrap();
         opened.outbox.record(vec![(3, failure(12))]).await.unwrap();
+        assert_eq!(opened.outbox.unacked(), 3, "counted once recorded");
         opened.outbox.ack(2, 50);
         assert_eq!(opened.outbox.unsent(10).await.unwrap().len(), 1);
+        assert_eq!(opened.outbox.unacked(), 1);
         drop(opened);
 
         let opened = Outbox::open(dir.path()).unwrap();
@@ -303,6 +327,7 @@ mod tests {
         assert_eq!(opened.stored.len(), 3);
         assert_eq!(opened.stored[1].acked_seq, Some(50));
         assert_eq!(opened.stored[2].acked_seq, None);
+        assert_eq!(opened.outbox.unacked(), 1);
         opened.outbox.prune(49);
         opened.outbox.prune(50);
         assert_eq!(opened.outbox.unsent(10).await.unwrap()[0].id, 3);

@@ -102,7 +102,6 @@ pub async fn run(node: Arc<Node>) {
                 return;
             }
         };
-        node.metrics.outbox_depth.set(events.len() as u64);
         if events.is_empty() {
             tokio::select! {
                 () = node.report_wake.notified() => continue,

@@ -414,7 +414,9 @@ async fn bootstrap(
     .map_err(|e| SyncError::Worker(e.to_string()))??;
     *replica = Some(swapped);
     node.swap_index(fresh);
-    node.sync.head.fetch_max(seq, Ordering::SeqCst);
+    // Not `fetch_max`: the snapshot may come from a shorter log (a replaced or
+    // restored database), and the old log's head would show as lag forever.
+    node.sync.head.store(seq, Ordering::SeqCst);
     node.set_applied(seq);
     node.sync.bootstraps.fetch_add(1, Ordering::SeqCst);
     node.sync.ready.store(true, Ordering::SeqCst);

@@ -157,7 +157,7 @@ async fn run_data(common: CommonArgs, args: DataArgs) -> anyhow::Result<()> {
     let common = settings::common(&common, &file);
     init_logging(common.log_format, "info");
     let throttle = settings::throttle(&args.throttle, &file)?;
-    let data = settings::data(&args, &file);
+    let data = settings::data(&args, &file)?;
     let keyring = keyfile::load_keyring(&common.data_dir, common.master_key_file.as_deref())?;
     let shutdown = CancellationToken::new();
     let listen = data.listen;

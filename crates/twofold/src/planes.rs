@@ -70,5 +70,6 @@ pub fn data(
     );
     config.throttle = throttle;
     config.strict_backup_codes = settings.strict_backup_codes;
+    config.skew = settings.skew;
     twofold_data::server::load(config, shutdown).context("cannot load the replica")
 }

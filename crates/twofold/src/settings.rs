@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use serde::Deserialize;
+use twofold_core::otp::Skew;
 use twofold_core::throttle::ThrottlePolicy;
 
 pub const DEFAULT_DATA_DIR: &str = "./twofold-data";
@@ -90,6 +91,11 @@ pub struct DataArgs {
     #[arg(long, env = "TWOFOLD_STRICT_BACKUP_CODES")]
     pub strict_backup_codes: Option<bool>,
 
+    /// Time steps a TOTP code may be behind or ahead of the verifier's clock,
+    /// 0 to 10 [default: 1].
+    #[arg(long, env = "TWOFOLD_SKEW_STEPS")]
+    pub skew_steps: Option<u8>,
+
     #[command(flatten)]
     pub throttle: ThrottleArgs,
 }
@@ -147,6 +153,7 @@ struct DataFile {
     control_urls: Vec<String>,
     node_token: Option<String>,
     strict_backup_codes: Option<bool>,
+    skew_steps: Option<u8>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -259,10 +266,13 @@ pub struct Data {
     pub control_urls: Vec<String>,
     pub node_token: Option<String>,
     pub strict_backup_codes: bool,
+    pub skew: Skew,
 }
 
-pub fn data(args: &DataArgs, file: &File) -> Data {
-    Data {
+pub fn data(args: &DataArgs, file: &File) -> anyhow::Result<Data> {
+    let steps = args.skew_steps.or(file.data.skew_steps).unwrap_or(1);
+    let skew = Skew::try_new(steps, steps).context("invalid skew_steps")?;
+    Ok(Data {
         listen: args
             .listen
             .or(file.data.listen)
@@ -280,7 +290,8 @@ pub fn data(args: &DataArgs, file: &File) -> Data {
             .strict_backup_codes
             .or(file.data.strict_backup_codes)
             .unwrap_or(false),
-    }
+        skew,
+    })
 }
 
 /// The throttle policy, from flags, environment, file and defaults.
@@ -335,7 +346,8 @@ mod tests {
         let common = common(&probe.common, &file);
         assert_eq!(common.data_dir, PathBuf::from("/from/file"));
         assert_eq!(common.log_format, LogFormat::Text);
-        let data = data(&probe.data, &file);
+        let data = data(&probe.data, &file).unwrap();
+        assert_eq!(data.skew, Skew::default());
         assert_eq!(data.listen, "127.0.0.1:9001".parse().unwrap());
         assert_eq!(data.control_urls, vec!["http://a:1".to_owned()]);
         assert!(!data.strict_backup_codes);

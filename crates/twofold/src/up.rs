@@ -324,6 +324,7 @@ pub async fn run(
         control_urls: vec![control_url.clone()],
         node_token: Some(node_token),
         strict_backup_codes: false,
+        skew: twofold_core::otp::Skew::default(),
     };
     let (node, replica) = planes::data(
         &data_dir.join(NODE_DIR),
