@@ -24,10 +24,28 @@ use super::{ApiJson, ApiPath};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::state::{AppState, rfc3339};
-use crate::store::{FactorRow, FactorStatus};
+use crate::store::{Actor, FactorRow, FactorStatus};
 
 fn user_id(raw: String) -> Result<UserId, ApiError> {
     UserId::try_new(raw).map_err(|e| ApiError::bad_request("invalid_user", e.to_string()))
+}
+
+/// The user a `manage` key acts on: the key's tenant, the validated user id, who
+/// acts, and when.
+struct Target {
+    tenant: String,
+    user: UserId,
+    actor: Actor,
+    now: i64,
+}
+
+fn target(state: &AppState, caller: &Caller, user: String) -> Result<Target, ApiError> {
+    Ok(Target {
+        tenant: caller.tenant_with(Scope::Manage)?.to_owned(),
+        user: user_id(user)?,
+        actor: caller.actor(),
+        now: state.clock.now_ms(),
+    })
 }
 
 /// A factor id from the path; a malformed one is as missing as an unknown one.
@@ -468,15 +486,17 @@ pub async fn delete_factor(
     caller: Caller,
     ApiPath((user, factor)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let tenant = caller.tenant_with(Scope::Manage)?.to_owned();
-    let user = user_id(user)?;
+    let t = target(&state, &caller, user)?;
     let factor = factor_id(&factor)?;
-    let now = state.clock.now_ms();
-    let actor = caller.actor();
     state
         .blocking(move |s| {
-            Ok(s.store
-                .delete_factor(now, &actor, &tenant, user.as_str(), factor.as_str())?)
+            Ok(s.store.delete_factor(
+                t.now,
+                &t.actor,
+                &t.tenant,
+                t.user.as_str(),
+                factor.as_str(),
+            )?)
         })
         .await?;
     Ok(StatusCode::NO_CONTENT)
@@ -501,12 +521,12 @@ pub async fn delete_user(
     caller: Caller,
     ApiPath(user): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    let tenant = caller.tenant_with(Scope::Manage)?.to_owned();
-    let user = user_id(user)?;
-    let now = state.clock.now_ms();
-    let actor = caller.actor();
+    let t = target(&state, &caller, user)?;
     state
-        .blocking(move |s| Ok(s.store.delete_user(now, &actor, &tenant, user.as_str())?))
+        .blocking(move |s| {
+            Ok(s.store
+                .delete_user(t.now, &t.actor, &t.tenant, t.user.as_str())?)
+        })
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -536,30 +556,20 @@ pub async fn generate_backup_codes(
     caller: Caller,
     ApiPath(user): ApiPath<String>,
 ) -> Result<(StatusCode, Json<NewBackupCodes>), ApiError> {
-    let tenant = caller.tenant_with(Scope::Manage)?.to_owned();
-    let user = user_id(user)?;
+    let t = target(&state, &caller, user)?;
     let codes = BackupCodes::generate().map_err(ApiError::internal)?;
     let hashes = codes.hashes(state.config.keyring.hash_key());
     let set_id = FactorId::generate()
         .map_err(ApiError::internal)?
         .to_string();
-    let now = state.clock.now_ms();
-    let actor = caller.actor();
-    {
-        let set_id = set_id.clone();
-        state
-            .blocking(move |s| {
-                Ok(s.store.replace_backup_codes(
-                    now,
-                    &actor,
-                    &tenant,
-                    user.as_str(),
-                    &set_id,
-                    hashes,
-                )?)
-            })
-            .await?;
-    }
+    let id = set_id.clone();
+    state
+        .blocking(move |s| {
+            let user = t.user.as_str();
+            Ok(s.store
+                .replace_backup_codes(t.now, &t.actor, &t.tenant, user, &id, hashes)?)
+        })
+        .await?;
     Ok((
         StatusCode::CREATED,
         Json(NewBackupCodes {
@@ -624,12 +634,12 @@ pub async fn unlock(
     caller: Caller,
     ApiPath(user): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    let tenant = caller.tenant_with(Scope::Manage)?.to_owned();
-    let user = user_id(user)?;
-    let now = state.clock.now_ms();
-    let actor = caller.actor();
+    let t = target(&state, &caller, user)?;
     state
-        .blocking(move |s| Ok(s.store.unlock_user(now, &actor, &tenant, user.as_str())?))
+        .blocking(move |s| {
+            Ok(s.store
+                .unlock_user(t.now, &t.actor, &t.tenant, t.user.as_str())?)
+        })
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
