@@ -20,7 +20,7 @@ use serde_json::json;
 use twofold_core::feed::{BackupCodeUse, UsageEvent};
 use twofold_core::ids::{API_KEY_HASH_DOMAIN, UserId};
 
-use crate::index::{LocalEvent, lock, user_key};
+use crate::index::{LocalEvent, user_key};
 use crate::metrics::OutcomeLabels;
 use crate::node::Node;
 use crate::report;
@@ -176,14 +176,12 @@ async fn verify_inner(
             now: now_secs(),
             covered_through: node.covered_through(),
         };
-        match index.user(&ukey) {
-            Some(user) => {
-                let mut user = lock(&user);
+        index
+            .with_user(&key.tenant, &request.user, |user| {
                 node.verifier
-                    .attempt(&mut user, attempt, &mut || node.next_event_id())
-            }
-            None => (node.verifier.attempt_unknown(&ukey, attempt), Vec::new()),
-        }
+                    .attempt(user, attempt, &mut || node.next_event_id())
+            })
+            .unwrap_or_else(|| (node.verifier.attempt_unknown(&ukey, attempt), Vec::new()))
     };
     if node.config.strict_backup_codes
         && let Some(code) = backup_use(&events)
@@ -194,11 +192,11 @@ async fn verify_inner(
                 // Used on another node already: the same answer as any wrong
                 // code, and counted as one.
                 outcome = Outcome::Invalid;
-                events = fail_instead(node, &ukey, &code, &events);
+                events = fail_instead(node, &code, &events);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "strict mode: no control plane confirmed a backup code");
-                unmark_backup(node, &ukey, &code, &events);
+                unmark_backup(node, &code, &events);
                 return Err(ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "control_plane_unavailable",
@@ -284,49 +282,46 @@ fn backup_use(events: &[(u64, UsageEvent)]) -> Option<BackupCodeUse> {
 /// Strict mode could not confirm a use: give the code back on this node, so the
 /// user can try it again once the control plane answers, and forget the success
 /// the attempt recorded here, which would otherwise reset the user's failures.
-fn unmark_backup(node: &Node, ukey: &str, code: &BackupCodeUse, events: &[(u64, UsageEvent)]) {
-    if let Some(user) = node.index().user(ukey) {
-        let mut user = lock(&user);
+fn unmark_backup(node: &Node, code: &BackupCodeUse, events: &[(u64, UsageEvent)]) {
+    node.index().with_user(&code.tenant, &code.user, |user| {
         for (id, _) in events {
             user.forget_event(*id);
         }
         if let Some(set) = user
-            .backup
-            .as_mut()
+            .backup_mut()
             .filter(|s| &*s.set_id == code.set_id.as_str())
             && let Some(used) = set.used.get_mut(code.index as usize)
         {
             *used = false;
         }
-    }
+    });
 }
 
 /// Strict mode found the code used elsewhere: forget the success the attempt
 /// recorded here and count a failure instead, as for any wrong code.
 fn fail_instead(
     node: &Node,
-    ukey: &str,
     code: &BackupCodeUse,
     events: &[(u64, UsageEvent)],
 ) -> Vec<(u64, UsageEvent)> {
-    let Some(user) = node.index().user(ukey) else {
-        return Vec::new();
-    };
-    let mut user = lock(&user);
-    for (id, _) in events {
-        user.forget_event(*id);
-    }
-    let at = now_secs();
-    let id = node.next_event_id();
-    user.push_event(id, LocalEvent::Failure { at });
-    vec![(
-        id,
-        UsageEvent::Failure {
-            tenant: code.tenant.clone(),
-            user: code.user.clone(),
-            at,
-        },
-    )]
+    node.index()
+        .with_user(&code.tenant, &code.user, |user| {
+            for (id, _) in events {
+                user.forget_event(*id);
+            }
+            let at = now_secs();
+            let id = node.next_event_id();
+            user.push_event(id, LocalEvent::Failure { at });
+            vec![(
+                id,
+                UsageEvent::Failure {
+                    tenant: code.tenant.clone(),
+                    user: code.user.clone(),
+                    at,
+                },
+            )]
+        })
+        .unwrap_or_default()
 }
 
 async fn healthz() -> Json<serde_json::Value> {

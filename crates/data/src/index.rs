@@ -6,13 +6,25 @@
 //! state produced on this node (accepted steps, used codes, failures) is merged
 //! with what the feed says: steps by max, used codes by union, and throttle events
 //! by replaying this node's not-yet-published events over the feed's state.
+//!
+//! # Memory
+//!
+//! A node may hold millions of factors, so a user costs as little as it can. Users
+//! live in a fixed number of shards, each a slab of [`User`] slots found through a
+//! hash table of 4-byte slab indices. A slot is 40 bytes: the tenant as an
+//! interned number, and one allocation holding the user id and every TOTP factor
+//! with its sealed secret. Backup codes and throttle state, which most users do
+//! not have, sit behind their own optional boxes. See BENCHMARKS.md for the
+//! measured bytes per factor.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::sync::{Mutex, MutexGuard, RwLock};
 
+use hashbrown::HashTable;
 use twofold_core::feed::{Entity, EntityKey, Op};
 use twofold_core::ids::{Scope, UserId};
-use twofold_core::otp::{Digits, Period, TotpParams};
+use twofold_core::otp::{Algorithm, Digits, Period, TotpParams};
 use twofold_core::seal::Sealed;
 use twofold_core::throttle::{Throttle, ThrottlePolicy};
 
@@ -31,8 +43,8 @@ fn invalid(kind: &'static str, reason: impl Into<String>) -> RecordError {
     }
 }
 
-/// The key of a user in the index: tenant and user joined by a NUL, which a user
-/// id cannot contain.
+/// A string key for a user, for maps outside the index (unknown users'
+/// throttles): tenant and user joined by a NUL, which a user id cannot contain.
 pub fn user_key(tenant: &str, user: &str) -> Box<str> {
     let mut key = String::with_capacity(tenant.len() + 1 + user.len());
     key.push_str(tenant);
@@ -48,7 +60,7 @@ pub struct ApiKey {
     pub tenant: Box<str>,
 }
 
-/// An active TOTP factor.
+/// An active TOTP factor, as a feed record brings it.
 #[derive(Debug, Clone)]
 pub struct Factor {
     pub id: Box<str>,
@@ -79,58 +91,273 @@ struct Pending {
     event: LocalEvent,
 }
 
-/// Everything verification needs about one user.
-#[derive(Debug, Default)]
-pub struct User {
-    pub factors: Vec<Factor>,
-    pub backup: Option<BackupSet>,
-    /// The throttle state as last published by the control plane.
-    feed_throttle: Throttle,
-    /// This node's events not yet reflected in `feed_throttle`, oldest first.
+/// Throttle state, kept only for users that have any.
+#[derive(Debug, Clone, Default)]
+struct ThrottleState {
+    /// As last published by the control plane.
+    feed: Throttle,
+    /// This node's events not yet reflected in `feed`, oldest first.
     pending: Vec<Pending>,
 }
 
+/// A factor as stored in a user's record, borrowed.
+#[derive(Debug, Clone, Copy)]
+pub struct FactorRef<'a> {
+    pub id: &'a str,
+    pub params: TotpParams,
+    pub last_step: Option<u64>,
+    pub sealed: &'a [u8],
+}
+
+/// One user's record: the user id and TOTP factors packed into one allocation.
+///
+/// Layout of `record`: the user id as `u16` length and bytes, then for each
+/// factor: id (`u8` length, bytes), algorithm, digits, period (`u16`), last step
+/// (`u64`, `u64::MAX` for none), sealed secret (`u16` length, bytes). Integers are
+/// little-endian.
+#[derive(Debug, Default)]
+pub struct User {
+    tenant: u32,
+    record: Box<[u8]>,
+    backup: Option<Box<BackupSet>>,
+    throttle: Option<Box<ThrottleState>>,
+}
+
+const NO_STEP: u64 = u64::MAX;
+
+fn algorithm_code(a: Algorithm) -> u8 {
+    match a {
+        Algorithm::Sha1 => 1,
+        Algorithm::Sha256 => 2,
+        Algorithm::Sha512 => 3,
+    }
+}
+
+fn algorithm_of(code: u8) -> Algorithm {
+    match code {
+        2 => Algorithm::Sha256,
+        3 => Algorithm::Sha512,
+        _ => Algorithm::Sha1,
+    }
+}
+
+/// Reads a record written by [`encode`]; records are only ever built there, from
+/// validated values, so the reads below stay in bounds.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> &'a [u8] {
+        let end = (self.at + n).min(self.bytes.len());
+        let slice = &self.bytes[self.at.min(end)..end];
+        self.at = end;
+        slice
+    }
+
+    fn u8(&mut self) -> u8 {
+        self.take(1).first().copied().unwrap_or(0)
+    }
+
+    fn u16(&mut self) -> u16 {
+        let b = self.take(2);
+        u16::from_le_bytes([
+            b.first().copied().unwrap_or(0),
+            b.get(1).copied().unwrap_or(0),
+        ])
+    }
+
+    fn u64(&mut self) -> u64 {
+        let mut word = [0u8; 8];
+        let b = self.take(8);
+        word[..b.len()].copy_from_slice(b);
+        u64::from_le_bytes(word)
+    }
+
+    fn str(&mut self, len: usize) -> &'a str {
+        std::str::from_utf8(self.take(len)).unwrap_or_default()
+    }
+
+    fn done(&self) -> bool {
+        self.at >= self.bytes.len()
+    }
+}
+
+fn encode(user: &str, factors: &[Factor]) -> Box<[u8]> {
+    let mut out = Vec::with_capacity(
+        2 + user.len()
+            + factors
+                .iter()
+                .map(|f| 15 + f.id.len() + f.sealed.as_bytes().len())
+                .sum::<usize>(),
+    );
+    out.extend_from_slice(&(user.len() as u16).to_le_bytes());
+    out.extend_from_slice(user.as_bytes());
+    for f in factors {
+        out.push(f.id.len() as u8);
+        out.extend_from_slice(f.id.as_bytes());
+        out.push(algorithm_code(f.params.algorithm));
+        out.push(f.params.digits.get());
+        out.extend_from_slice(&(f.params.period.seconds() as u16).to_le_bytes());
+        out.extend_from_slice(&f.last_step.unwrap_or(NO_STEP).to_le_bytes());
+        let sealed = f.sealed.as_bytes();
+        out.extend_from_slice(&(sealed.len() as u16).to_le_bytes());
+        out.extend_from_slice(sealed);
+    }
+    out.into_boxed_slice()
+}
+
+/// The factors of a record, with the offset of each one's last step.
+fn factors_of(record: &[u8]) -> impl Iterator<Item = (usize, FactorRef<'_>)> {
+    let mut cursor = Cursor {
+        bytes: record,
+        at: 0,
+    };
+    let user_len = usize::from(cursor.u16());
+    cursor.take(user_len);
+    std::iter::from_fn(move || {
+        if cursor.done() {
+            return None;
+        }
+        let id_len = usize::from(cursor.u8());
+        let id = cursor.str(id_len);
+        let algorithm = algorithm_of(cursor.u8());
+        let digits = Digits::try_new(cursor.u8()).unwrap_or_default();
+        let period = Period::try_new(u32::from(cursor.u16())).unwrap_or_default();
+        let step_at = cursor.at;
+        let step = cursor.u64();
+        let sealed_len = usize::from(cursor.u16());
+        let sealed = cursor.take(sealed_len);
+        Some((
+            step_at,
+            FactorRef {
+                id,
+                params: TotpParams {
+                    algorithm,
+                    digits,
+                    period,
+                },
+                last_step: (step != NO_STEP).then_some(step),
+                sealed,
+            },
+        ))
+    })
+}
+
 impl User {
+    fn user_id(&self) -> &str {
+        let mut cursor = Cursor {
+            bytes: &self.record,
+            at: 0,
+        };
+        let len = usize::from(cursor.u16());
+        cursor.str(len)
+    }
+
+    /// The user's active TOTP factors.
+    pub fn factors(&self) -> impl Iterator<Item = FactorRef<'_>> {
+        factors_of(&self.record).map(|(_, f)| f)
+    }
+
+    /// Record that factor `index` (in [`User::factors`] order) accepted `step`;
+    /// the stored step only grows.
+    pub fn accept_step(&mut self, index: usize, step: u64) {
+        let Some((at, factor)) = factors_of(&self.record).nth(index) else {
+            return;
+        };
+        if factor.last_step.is_none_or(|s| s < step) {
+            self.record[at..at + 8].copy_from_slice(&step.to_le_bytes());
+        }
+    }
+
+    pub fn backup_mut(&mut self) -> Option<&mut BackupSet> {
+        self.backup.as_deref_mut()
+    }
+
+    pub fn backup(&self) -> Option<&BackupSet> {
+        self.backup.as_deref()
+    }
+
     /// The throttle state to enforce: the feed's, with this node's events that
     /// the feed has not caught up with replayed on top.
     pub fn throttle(&mut self, covered_through: u64, policy: &ThrottlePolicy) -> Throttle {
-        self.pending.retain(|p| p.id > covered_through);
-        self.pending
-            .iter()
-            .fold(self.feed_throttle, |state, p| match p.event {
-                LocalEvent::Failure { at } => policy.fail(&state, at),
-                LocalEvent::Success => state.succeed(),
-            })
+        let Some(state) = self.throttle.as_deref_mut() else {
+            return Throttle::default();
+        };
+        state.pending.retain(|p| p.id > covered_through);
+        state.pending.iter().fold(state.feed, |t, p| match p.event {
+            LocalEvent::Failure { at } => policy.fail(&t, at),
+            LocalEvent::Success => t.succeed(),
+        })
     }
 
     /// Record an event of this node, numbered as in its outbox.
     pub fn push_event(&mut self, id: u64, event: LocalEvent) {
-        self.pending.push(Pending { id, event });
+        self.throttle
+            .get_or_insert_default()
+            .pending
+            .push(Pending { id, event });
     }
 
     /// Forget an event pushed for an attempt that was then not recorded.
     pub fn forget_event(&mut self, id: u64) {
-        self.pending.retain(|p| p.id != id);
-    }
-
-    fn is_empty(&self) -> bool {
-        self.factors.is_empty()
-            && self.backup.is_none()
-            && self.feed_throttle == Throttle::default()
-            && self.pending.is_empty()
-    }
-
-    /// Keep what this node knows beyond the feed when the feed replaces a factor
-    /// or code set: steps only grow and used codes stay used.
-    fn merge_factor(&mut self, mut factor: Factor) {
-        if let Some(old) = self.factors.iter_mut().find(|f| f.id == factor.id) {
-            factor.last_step = factor.last_step.max(old.last_step);
-            *old = factor;
-        } else {
-            self.factors.push(factor);
+        if let Some(state) = self.throttle.as_deref_mut() {
+            state.pending.retain(|p| p.id != id);
         }
     }
 
+    fn has_factors(&self) -> bool {
+        self.factors().next().is_some()
+    }
+
+    fn is_empty(&self) -> bool {
+        !self.has_factors()
+            && self.backup.is_none()
+            && self
+                .throttle
+                .as_deref()
+                .is_none_or(|t| t.feed == Throttle::default() && t.pending.is_empty())
+    }
+
+    fn owned_factors(&self) -> Vec<Factor> {
+        self.factors()
+            .filter_map(|f| {
+                Some(Factor {
+                    id: f.id.into(),
+                    params: f.params,
+                    sealed: Sealed::from_bytes(f.sealed).ok()?,
+                    last_step: f.last_step,
+                })
+            })
+            .collect()
+    }
+
+    fn set_factors(&mut self, factors: &[Factor]) {
+        let user = self.user_id().to_owned();
+        self.record = encode(&user, factors);
+    }
+
+    /// Keep what this node knows beyond the feed when the feed replaces a factor:
+    /// steps only grow.
+    fn merge_factor(&mut self, mut factor: Factor) {
+        let mut factors = self.owned_factors();
+        if let Some(old) = factors.iter_mut().find(|f| f.id == factor.id) {
+            factor.last_step = factor.last_step.max(old.last_step);
+            *old = factor;
+        } else {
+            factors.push(factor);
+        }
+        self.set_factors(&factors);
+    }
+
+    fn remove_factor(&mut self, id: &str) {
+        let mut factors = self.owned_factors();
+        factors.retain(|f| &*f.id != id);
+        self.set_factors(&factors);
+    }
+
+    /// Used codes stay used while the set is the same.
     fn merge_backup(&mut self, mut set: BackupSet) {
         if let Some(old) = &self.backup
             && old.set_id == set.set_id
@@ -140,7 +367,14 @@ impl User {
                 *used |= *was;
             }
         }
-        self.backup = Some(set);
+        self.backup = Some(Box::new(set));
+    }
+
+    fn set_feed_throttle(&mut self, throttle: Throttle) {
+        if throttle == Throttle::default() && self.throttle.is_none() {
+            return;
+        }
+        self.throttle.get_or_insert_default().feed = throttle;
     }
 }
 
@@ -155,37 +389,57 @@ pub enum Prepared {
         id: Box<str>,
     },
     PutTotp {
+        tenant: Box<str>,
         user: Box<str>,
         factor: Factor,
     },
     DeleteTotp {
+        tenant: Box<str>,
         user: Box<str>,
         id: Box<str>,
     },
     PutBackup {
+        tenant: Box<str>,
         user: Box<str>,
         set: BackupSet,
     },
     DeleteBackup {
+        tenant: Box<str>,
         user: Box<str>,
     },
     PutThrottle {
+        tenant: Box<str>,
         user: Box<str>,
         throttle: Throttle,
     },
     DeleteThrottle {
+        tenant: Box<str>,
         user: Box<str>,
     },
     /// Tenants are replicated for completeness; verification does not read them.
     Tenant,
 }
 
-fn checked_user(kind: &'static str, tenant: &str, user: &str) -> Result<Box<str>, RecordError> {
+/// Longest factor id or backup set id kept; the control plane makes 19 bytes.
+const MAX_ID_LEN: usize = 64;
+
+fn checked_owner(
+    kind: &'static str,
+    tenant: &str,
+    user: &str,
+) -> Result<(Box<str>, Box<str>), RecordError> {
     UserId::try_new(user).map_err(|e| invalid(kind, e.to_string()))?;
-    if tenant.is_empty() || tenant.contains('\0') {
+    if tenant.is_empty() || tenant.len() > MAX_ID_LEN || tenant.contains('\0') {
         return Err(invalid(kind, "empty or malformed tenant"));
     }
-    Ok(user_key(tenant, user))
+    Ok((tenant.into(), user.into()))
+}
+
+fn checked_id(kind: &'static str, id: &str) -> Result<Box<str>, RecordError> {
+    if id.is_empty() || id.len() > MAX_ID_LEN {
+        return Err(invalid(kind, "empty or overlong id"));
+    }
+    Ok(id.into())
 }
 
 /// Check one feed op and convert it, without touching the index.
@@ -197,16 +451,22 @@ pub fn prepare(op: &Op) -> Result<Prepared, RecordError> {
             EntityKey::ApiKey { id } => Prepared::DeleteKey {
                 id: id.as_str().into(),
             },
-            EntityKey::Totp { tenant, user, id } => Prepared::DeleteTotp {
-                user: checked_user("totp", tenant, user)?,
-                id: id.as_str().into(),
-            },
-            EntityKey::BackupCodes { tenant, user } => Prepared::DeleteBackup {
-                user: checked_user("backup_codes", tenant, user)?,
-            },
-            EntityKey::UserState { tenant, user } => Prepared::DeleteThrottle {
-                user: checked_user("user_state", tenant, user)?,
-            },
+            EntityKey::Totp { tenant, user, id } => {
+                let (tenant, user) = checked_owner("totp", tenant, user)?;
+                Prepared::DeleteTotp {
+                    tenant,
+                    user,
+                    id: id.as_str().into(),
+                }
+            }
+            EntityKey::BackupCodes { tenant, user } => {
+                let (tenant, user) = checked_owner("backup_codes", tenant, user)?;
+                Prepared::DeleteBackup { tenant, user }
+            }
+            EntityKey::UserState { tenant, user } => {
+                let (tenant, user) = checked_owner("user_state", tenant, user)?;
+                Prepared::DeleteThrottle { tenant, user }
+            }
         }),
     }
 }
@@ -214,9 +474,7 @@ pub fn prepare(op: &Op) -> Result<Prepared, RecordError> {
 fn prepare_put(entity: &Entity) -> Result<Prepared, RecordError> {
     Ok(match entity {
         Entity::Tenant(t) => {
-            if t.id.is_empty() {
-                return Err(invalid("tenant", "empty id"));
-            }
+            checked_id("tenant", &t.id)?;
             Prepared::Tenant
         }
         Entity::ApiKey(k) => {
@@ -228,14 +486,11 @@ fn prepare_put(entity: &Entity) -> Result<Prepared, RecordError> {
             if !k.scopes.iter().any(|s| s == Scope::Verify.as_str()) {
                 return Err(invalid("api_key", "key cannot verify"));
             }
-            if k.id.is_empty() || k.tenant.is_empty() {
-                return Err(invalid("api_key", "empty id or tenant"));
-            }
             Prepared::PutKey {
                 hash,
                 key: ApiKey {
-                    id: k.id.as_str().into(),
-                    tenant: k.tenant.as_str().into(),
+                    id: checked_id("api_key", &k.id)?,
+                    tenant: checked_id("api_key", &k.tenant)?,
                 },
             }
         }
@@ -248,16 +503,18 @@ fn prepare_put(entity: &Entity) -> Result<Prepared, RecordError> {
             };
             let sealed =
                 Sealed::from_bytes(&f.sealed).map_err(|e| invalid("totp", e.to_string()))?;
-            if f.id.is_empty() {
-                return Err(invalid("totp", "empty id"));
+            if sealed.as_bytes().len() > usize::from(u16::MAX) {
+                return Err(invalid("totp", "sealed secret too long"));
             }
+            let (tenant, user) = checked_owner("totp", &f.tenant, &f.user)?;
             Prepared::PutTotp {
-                user: checked_user("totp", &f.tenant, &f.user)?,
+                tenant,
+                user,
                 factor: Factor {
-                    id: f.id.as_str().into(),
+                    id: checked_id("totp", &f.id)?,
                     params,
                     sealed,
-                    last_step: f.last_step,
+                    last_step: f.last_step.filter(|&s| s != NO_STEP),
                 },
             }
         }
@@ -271,33 +528,130 @@ fn prepare_put(entity: &Entity) -> Result<Prepared, RecordError> {
             if hashes.len() > 64 {
                 return Err(invalid("backup_codes", "more than 64 codes"));
             }
+            let (tenant, user) = checked_owner("backup_codes", &b.tenant, &b.user)?;
             Prepared::PutBackup {
-                user: checked_user("backup_codes", &b.tenant, &b.user)?,
+                tenant,
+                user,
                 set: BackupSet {
-                    set_id: b.set_id.as_str().into(),
+                    set_id: checked_id("backup_codes", &b.set_id)?,
                     hashes: hashes.into_boxed_slice(),
                     used: b.codes.iter().map(|c| c.used).collect(),
                 },
             }
         }
-        Entity::UserState(u) => Prepared::PutThrottle {
-            user: checked_user("user_state", &u.tenant, &u.user)?,
-            throttle: Throttle {
-                failures: u.failures,
-                locked: u.locked,
-                throttled_until: u.throttled_until,
-            },
-        },
+        Entity::UserState(u) => {
+            let (tenant, user) = checked_owner("user_state", &u.tenant, &u.user)?;
+            Prepared::PutThrottle {
+                tenant,
+                user,
+                throttle: Throttle {
+                    failures: u.failures,
+                    locked: u.locked,
+                    throttled_until: u.throttled_until,
+                },
+            }
+        }
     })
 }
 
-/// The index. Maps are behind read-write locks taken briefly; each user has its
-/// own mutex, held for the whole of an attempt so concurrent attempts on one user
-/// cannot slip past the failure count.
+/// Shards of the user table. Each is locked for the synchronous part of one
+/// attempt (about a microsecond), so concurrent attempts on a user are
+/// serialised and cannot slip past its failure count.
+const SHARDS: usize = 16;
+
 #[derive(Debug, Default)]
+struct Shard {
+    /// Slab indices, hashed by tenant and user id.
+    table: HashTable<u32>,
+    slab: Vec<User>,
+    /// Vacant slots of `slab`.
+    free: Vec<u32>,
+}
+
+impl Shard {
+    fn find(&self, hash: u64, tenant: u32, user: &str) -> Option<usize> {
+        self.table
+            .find(hash, |&i| {
+                let slot = &self.slab[i as usize];
+                slot.tenant == tenant && slot.user_id() == user
+            })
+            .map(|&i| i as usize)
+    }
+
+    fn insert(&mut self, hash: u64, user: User, hasher: &RandomState) -> usize {
+        let index = match self.free.pop() {
+            Some(i) => {
+                self.slab[i as usize] = user;
+                i as usize
+            }
+            None => {
+                self.slab.push(user);
+                self.slab.len() - 1
+            }
+        };
+        let slab = &self.slab;
+        self.table.insert_unique(hash, index as u32, |&i| {
+            let slot = &slab[i as usize];
+            key_hash(hasher, slot.tenant, slot.user_id())
+        });
+        index
+    }
+
+    fn remove(&mut self, hash: u64, index: usize) {
+        if let Ok(entry) = self.table.find_entry(hash, |&i| i as usize == index) {
+            entry.remove();
+            self.slab[index] = User::default();
+            self.free.push(index as u32);
+        }
+    }
+
+    fn shrink(&mut self, hasher: &RandomState) {
+        // Vacant slots at the end can go; others stay on the free list.
+        while self.slab.last().is_some_and(|u| u.record.is_empty())
+            && let Some(last) = self
+                .free
+                .iter()
+                .position(|&i| i as usize == self.slab.len() - 1)
+        {
+            self.free.swap_remove(last);
+            self.slab.pop();
+        }
+        self.slab.shrink_to_fit();
+        self.free.shrink_to_fit();
+        let slab = &self.slab;
+        self.table.shrink_to_fit(|&i| {
+            let slot = &slab[i as usize];
+            key_hash(hasher, slot.tenant, slot.user_id())
+        });
+    }
+}
+
+fn key_hash(hasher: &RandomState, tenant: u32, user: &str) -> u64 {
+    let mut h = hasher.build_hasher();
+    tenant.hash(&mut h);
+    user.hash(&mut h);
+    h.finish()
+}
+
+/// The index.
+#[derive(Debug)]
 pub struct Index {
     keys: RwLock<HashMap<[u8; 32], ApiKey>>,
-    users: RwLock<HashMap<Box<str>, Arc<Mutex<User>>>>,
+    /// Tenant ids, interned: a user slot keeps the number, not the string.
+    tenants: RwLock<HashMap<Box<str>, u32>>,
+    hasher: RandomState,
+    shards: Box<[Mutex<Shard>]>,
+}
+
+impl Default for Index {
+    fn default() -> Self {
+        Index {
+            keys: RwLock::default(),
+            tenants: RwLock::default(),
+            hasher: RandomState::new(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+        }
+    }
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -310,9 +664,10 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Lock a user, even if a panic poisoned the mutex: the state is still valid.
-pub fn lock(user: &Mutex<User>) -> MutexGuard<'_, User> {
-    user.lock().unwrap_or_else(|p| p.into_inner())
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    // Every change to a shard completes before its lock is released, so a
+    // poisoned shard is still consistent.
+    shard.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Index {
@@ -321,37 +676,77 @@ impl Index {
         read(&self.keys).get(hash).cloned()
     }
 
-    pub fn user(&self, key: &str) -> Option<Arc<Mutex<User>>> {
-        read(&self.users).get(key).cloned()
+    fn tenant_number(&self, tenant: &str) -> Option<u32> {
+        read(&self.tenants).get(tenant).copied()
+    }
+
+    fn intern(&self, tenant: &str) -> u32 {
+        if let Some(n) = self.tenant_number(tenant) {
+            return n;
+        }
+        let mut tenants = write(&self.tenants);
+        let next = tenants.len() as u32;
+        *tenants.entry(tenant.into()).or_insert(next)
+    }
+
+    fn shard_of(&self, hash: u64) -> &Mutex<Shard> {
+        &self.shards[(hash >> 60) as usize % SHARDS]
+    }
+
+    /// Run `f` on a user, with the user's shard locked; `None` for a user the
+    /// index does not know.
+    pub fn with_user<R>(
+        &self,
+        tenant: &str,
+        user: &str,
+        f: impl FnOnce(&mut User) -> R,
+    ) -> Option<R> {
+        let tenant = self.tenant_number(tenant)?;
+        let hash = key_hash(&self.hasher, tenant, user);
+        let mut shard = lock(self.shard_of(hash));
+        let index = shard.find(hash, tenant, user)?;
+        Some(f(&mut shard.slab[index]))
+    }
+
+    /// Change a user, creating it if needed and dropping it once it holds
+    /// nothing.
+    fn update_user(&self, tenant: &str, user: &str, f: impl FnOnce(&mut User)) {
+        let tenant = self.intern(tenant);
+        let hash = key_hash(&self.hasher, tenant, user);
+        let mut shard = lock(self.shard_of(hash));
+        let index = match shard.find(hash, tenant, user) {
+            Some(index) => index,
+            None => {
+                let fresh = User {
+                    tenant,
+                    record: encode(user, &[]),
+                    ..User::default()
+                };
+                shard.insert(hash, fresh, &self.hasher)
+            }
+        };
+        f(&mut shard.slab[index]);
+        if shard.slab[index].is_empty() {
+            shard.remove(hash, index);
+        }
     }
 
     pub fn user_count(&self) -> usize {
-        read(&self.users).len()
+        self.shards.iter().map(|s| lock(s).table.len()).sum()
     }
 
     pub fn factor_count(&self) -> usize {
-        read(&self.users)
-            .values()
-            .map(|u| lock(u).factors.len())
+        self.shards
+            .iter()
+            .map(|s| {
+                let shard = lock(s);
+                shard
+                    .table
+                    .iter()
+                    .map(|&i| shard.slab[i as usize].factors().count())
+                    .sum::<usize>()
+            })
             .sum()
-    }
-
-    fn with_user(&self, key: Box<str>, f: impl FnOnce(&mut User)) {
-        let existing = self.user(&key);
-        let user = match existing {
-            Some(user) => user,
-            None => write(&self.users).entry(key.clone()).or_default().clone(),
-        };
-        let mut guard = lock(&user);
-        f(&mut guard);
-        if guard.is_empty() {
-            drop(guard);
-            let mut users = write(&self.users);
-            // Check again under the map lock: an attempt may have added state.
-            if users.get(&key).is_some_and(|u| lock(u).is_empty()) {
-                users.remove(&key);
-            }
-        }
     }
 
     /// Apply checked ops. Each op is applied on its own; the caller applies a
@@ -366,47 +761,80 @@ impl Index {
                     keys.insert(hash, key);
                 }
                 Prepared::DeleteKey { id } => write(&self.keys).retain(|_, k| k.id != id),
-                Prepared::PutTotp { user, factor } => {
-                    self.with_user(user, |u| u.merge_factor(factor))
+                Prepared::PutTotp {
+                    tenant,
+                    user,
+                    factor,
+                } => {
+                    self.update_user(&tenant, &user, |u| u.merge_factor(factor));
                 }
-                Prepared::DeleteTotp { user, id } => {
-                    self.with_user(user, |u| u.factors.retain(|f| f.id != id))
+                Prepared::DeleteTotp { tenant, user, id } => {
+                    self.update_user(&tenant, &user, |u| u.remove_factor(&id));
                 }
-                Prepared::PutBackup { user, set } => self.with_user(user, |u| u.merge_backup(set)),
-                Prepared::DeleteBackup { user } => self.with_user(user, |u| u.backup = None),
-                Prepared::PutThrottle { user, throttle } => {
-                    self.with_user(user, |u| u.feed_throttle = throttle)
+                Prepared::PutBackup { tenant, user, set } => {
+                    self.update_user(&tenant, &user, |u| u.merge_backup(set));
                 }
-                Prepared::DeleteThrottle { user } => self.with_user(user, |u| {
-                    u.feed_throttle = Throttle::default();
-                    u.pending.clear();
-                }),
+                Prepared::DeleteBackup { tenant, user } => {
+                    self.update_user(&tenant, &user, |u| u.backup = None);
+                }
+                Prepared::PutThrottle {
+                    tenant,
+                    user,
+                    throttle,
+                } => {
+                    self.update_user(&tenant, &user, |u| u.set_feed_throttle(throttle));
+                }
+                Prepared::DeleteThrottle { tenant, user } => {
+                    self.update_user(&tenant, &user, |u| u.throttle = None);
+                }
             }
+        }
+    }
+
+    /// Give back memory left over from growing, once a bulk load is done.
+    pub fn shrink(&self) {
+        for shard in self.shards.iter() {
+            lock(shard).shrink(&self.hasher);
         }
     }
 
     /// Carry this node's runtime state from `old` into a freshly bootstrapped
     /// index: accepted steps, used codes and unpublished throttle events.
     pub fn adopt_local_state(&self, old: &Index) {
-        let old_users: Vec<(Box<str>, Arc<Mutex<User>>)> = read(&old.users)
+        let old_tenants: HashMap<u32, Box<str>> = read(&old.tenants)
             .iter()
-            .map(|(k, u)| (k.clone(), u.clone()))
+            .map(|(t, &n)| (n, t.clone()))
             .collect();
-        for (key, old_user) in old_users {
-            let Some(user) = self.user(&key) else {
-                continue;
-            };
-            let old_user = lock(&old_user);
-            let mut user = lock(&user);
-            for old_factor in &old_user.factors {
-                if let Some(f) = user.factors.iter_mut().find(|f| f.id == old_factor.id) {
-                    f.last_step = f.last_step.max(old_factor.last_step);
-                }
+        for shard in old.shards.iter() {
+            let shard = lock(shard);
+            for &i in shard.table.iter() {
+                let old_user = &shard.slab[i as usize];
+                let Some(tenant) = old_tenants.get(&old_user.tenant) else {
+                    continue;
+                };
+                self.with_user(tenant, old_user.user_id(), |user| {
+                    let steps: Vec<(Box<str>, Option<u64>)> = old_user
+                        .factors()
+                        .map(|f| (f.id.into(), f.last_step))
+                        .collect();
+                    let mine: Vec<Box<str>> = user.factors().map(|f| f.id.into()).collect();
+                    for (index, id) in mine.iter().enumerate() {
+                        if let Some((_, Some(step))) = steps.iter().find(|(old_id, _)| old_id == id)
+                        {
+                            user.accept_step(index, *step);
+                        }
+                    }
+                    if let Some(old_set) = old_user.backup() {
+                        user.merge_backup(old_set.clone());
+                    }
+                    if let Some(old_throttle) = old_user.throttle.as_deref()
+                        && !old_throttle.pending.is_empty()
+                    {
+                        user.throttle.get_or_insert_default().pending =
+                            old_throttle.pending.clone();
+                    }
+                });
             }
-            if let Some(old_set) = &old_user.backup {
-                user.merge_backup(old_set.clone());
-            }
-            user.pending = old_user.pending.clone();
         }
     }
 }
@@ -423,19 +851,31 @@ mod tests {
         blob
     }
 
-    fn totp(id: &str, last_step: Option<u64>) -> Op {
+    fn totp_for(user: &str, id: &str, last_step: Option<u64>) -> Op {
         Op::Put {
             entity: Entity::Totp(TotpRecord {
                 id: id.into(),
                 tenant: "tn_a".into(),
-                user: "alice".into(),
-                algorithm: "SHA1".into(),
-                digits: 6,
-                period: 30,
+                user: user.into(),
+                algorithm: "SHA256".into(),
+                digits: 8,
+                period: 60,
                 sealed: sealed(),
                 last_step,
             }),
         }
+    }
+
+    fn totp(id: &str, last_step: Option<u64>) -> Op {
+        totp_for("alice", id, last_step)
+    }
+
+    fn steps(index: &Index) -> Vec<Option<u64>> {
+        index
+            .with_user("tn_a", "alice", |u| {
+                u.factors().map(|f| f.last_step).collect()
+            })
+            .unwrap_or_default()
     }
 
     #[test]
@@ -470,33 +910,95 @@ mod tests {
     }
 
     #[test]
-    fn steps_only_grow_when_the_feed_replaces_a_factor() {
+    fn factors_round_trip_through_the_packed_record() {
         let index = Index::default();
-        index.apply(vec![prepare(&totp("fa_1", Some(10))).unwrap()]);
-        let user = index.user(&user_key("tn_a", "alice")).unwrap();
-        lock(&user).factors[0].last_step = Some(20);
-        index.apply(vec![prepare(&totp("fa_1", Some(15))).unwrap()]);
-        assert_eq!(lock(&user).factors[0].last_step, Some(20));
-        index.apply(vec![prepare(&totp("fa_1", Some(25))).unwrap()]);
-        assert_eq!(lock(&user).factors[0].last_step, Some(25));
+        index.apply(vec![
+            prepare(&totp("fa_1", None)).unwrap(),
+            prepare(&totp("fa_2", Some(7))).unwrap(),
+        ]);
+        let got = index
+            .with_user("tn_a", "alice", |u| {
+                u.factors()
+                    .map(|f| (f.id.to_owned(), f.params, f.last_step, f.sealed.to_vec()))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap();
+        let params = TotpParams {
+            algorithm: Algorithm::Sha256,
+            digits: Digits::try_new(8).unwrap(),
+            period: Period::try_new(60).unwrap(),
+        };
+        assert_eq!(
+            got,
+            vec![
+                ("fa_1".to_owned(), params, None, sealed()),
+                ("fa_2".to_owned(), params, Some(7), sealed())
+            ]
+        );
+        assert!(index.with_user("tn_a", "bob", |_| ()).is_none());
+        assert!(index.with_user("tn_b", "alice", |_| ()).is_none());
     }
 
     #[test]
-    fn empty_users_leave_the_index() {
+    fn steps_only_grow_when_the_feed_replaces_a_factor() {
         let index = Index::default();
-        index.apply(vec![prepare(&totp("fa_1", None)).unwrap()]);
-        assert_eq!(index.user_count(), 1);
+        index.apply(vec![prepare(&totp("fa_1", Some(10))).unwrap()]);
+        index.with_user("tn_a", "alice", |u| u.accept_step(0, 20));
+        index.apply(vec![prepare(&totp("fa_1", Some(15))).unwrap()]);
+        assert_eq!(steps(&index), vec![Some(20)]);
+        index.apply(vec![prepare(&totp("fa_1", Some(25))).unwrap()]);
+        assert_eq!(steps(&index), vec![Some(25)]);
+        index.with_user("tn_a", "alice", |u| u.accept_step(0, 3));
+        assert_eq!(
+            steps(&index),
+            vec![Some(25)],
+            "accepting an older step changes nothing"
+        );
+    }
+
+    #[test]
+    fn empty_users_leave_the_index_and_slots_are_reused() {
+        let index = Index::default();
+        for user in ["alice", "bob", "carol"] {
+            index.apply(vec![prepare(&totp_for(user, "fa_1", None)).unwrap()]);
+        }
+        assert_eq!(index.user_count(), 3);
         index.apply(vec![
             prepare(&Op::Delete {
                 key: EntityKey::Totp {
                     tenant: "tn_a".into(),
-                    user: "alice".into(),
+                    user: "bob".into(),
                     id: "fa_1".into(),
                 },
             })
             .unwrap(),
         ]);
-        assert_eq!(index.user_count(), 0);
+        assert_eq!(index.user_count(), 2);
+        assert!(index.with_user("tn_a", "bob", |_| ()).is_none());
+        index.apply(vec![prepare(&totp_for("dave", "fa_9", None)).unwrap()]);
+        index.shrink();
+        assert_eq!(index.user_count(), 3);
+        assert_eq!(index.factor_count(), 3);
+        for user in ["alice", "carol", "dave"] {
+            assert!(index.with_user("tn_a", user, |_| ()).is_some(), "{user}");
+        }
+    }
+
+    #[test]
+    fn many_users_spread_over_shards_stay_findable() {
+        let index = Index::default();
+        let ops: Vec<Prepared> = (0..5000)
+            .map(|i| prepare(&totp_for(&format!("user-{i}"), "fa_1", Some(i))).unwrap())
+            .collect();
+        index.apply(ops);
+        index.shrink();
+        assert_eq!(index.user_count(), 5000);
+        for i in (0..5000).step_by(97) {
+            let step = index.with_user("tn_a", &format!("user-{i}"), |u| {
+                u.factors().next().and_then(|f| f.last_step)
+            });
+            assert_eq!(step, Some(Some(i)));
+        }
     }
 
     #[test]
@@ -509,13 +1011,33 @@ mod tests {
         assert_eq!(user.throttle(0, &policy).failures, 5);
         assert!(user.throttle(0, &policy).throttled_until.is_some());
         // The feed now holds events 1..=3 merged with another node's 2 failures.
-        user.feed_throttle = Throttle {
+        user.set_feed_throttle(Throttle {
             failures: 5,
             locked: false,
             throttled_until: Some(130),
-        };
+        });
         assert_eq!(user.throttle(3, &policy).failures, 7);
         user.push_event(6, LocalEvent::Success);
         assert_eq!(user.throttle(3, &policy).failures, 0);
+        user.forget_event(6);
+        assert_eq!(user.throttle(3, &policy).failures, 7);
+    }
+
+    #[test]
+    fn local_state_survives_a_bootstrap_swap() {
+        let old = Index::default();
+        old.apply(vec![prepare(&totp("fa_1", Some(10))).unwrap()]);
+        old.with_user("tn_a", "alice", |u| {
+            u.accept_step(0, 30);
+            u.push_event(9, LocalEvent::Failure { at: 5 });
+        });
+        let fresh = Index::default();
+        fresh.apply(vec![prepare(&totp("fa_1", Some(12))).unwrap()]);
+        fresh.adopt_local_state(&old);
+        assert_eq!(steps(&fresh), vec![Some(30)]);
+        let failures = fresh.with_user("tn_a", "alice", |u| {
+            u.throttle(0, &ThrottlePolicy::default()).failures
+        });
+        assert_eq!(failures, Some(1));
     }
 }

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use twofold_core::feed::UsageEvent;
 
 use crate::config::Config;
-use crate::index::{Index, LocalEvent, lock, user_key};
+use crate::index::{Index, LocalEvent};
 use crate::metrics::Metrics;
 use crate::outbox::{Opened, Outbox, Stored};
 use crate::verify::Verifier;
@@ -126,6 +126,7 @@ impl Node {
     pub fn swap_index(&self, fresh: Index) {
         let mut slot = self.index.write().unwrap_or_else(|p| p.into_inner());
         fresh.adopt_local_state(&slot);
+        fresh.shrink();
         *slot = Arc::new(fresh);
     }
 
@@ -186,12 +187,12 @@ fn replay_local(index: &Index, stored: &[Stored], covered: u64) {
                 factor,
                 step,
             } => {
-                if let Some(u) = index.user(&user_key(tenant, user)) {
-                    let mut u = lock(&u);
-                    if let Some(f) = u.factors.iter_mut().find(|f| &*f.id == factor.as_str()) {
-                        f.last_step = f.last_step.max(Some(*step));
+                index.with_user(tenant, user, |u| {
+                    let position = u.factors().position(|f| f.id == factor.as_str());
+                    if let Some(i) = position {
+                        u.accept_step(i, *step);
                     }
-                }
+                });
             }
             UsageEvent::BackupCodeUsed {
                 tenant,
@@ -199,24 +200,23 @@ fn replay_local(index: &Index, stored: &[Stored], covered: u64) {
                 set_id,
                 index: i,
             } => {
-                if let Some(u) = index.user(&user_key(tenant, user)) {
-                    let mut u = lock(&u);
-                    if let Some(set) = u.backup.as_mut().filter(|b| &*b.set_id == set_id.as_str())
+                index.with_user(tenant, user, |u| {
+                    if let Some(set) = u.backup_mut().filter(|b| &*b.set_id == set_id.as_str())
                         && let Some(used) = set.used.get_mut(*i as usize)
                     {
                         *used = true;
                     }
-                }
+                });
             }
             UsageEvent::Failure { tenant, user, at } if s.event.id > covered => {
-                if let Some(u) = index.user(&user_key(tenant, user)) {
-                    lock(&u).push_event(s.event.id, LocalEvent::Failure { at: *at });
-                }
+                index.with_user(tenant, user, |u| {
+                    u.push_event(s.event.id, LocalEvent::Failure { at: *at })
+                });
             }
             UsageEvent::Success { tenant, user } if s.event.id > covered => {
-                if let Some(u) = index.user(&user_key(tenant, user)) {
-                    lock(&u).push_event(s.event.id, LocalEvent::Success);
-                }
+                index.with_user(tenant, user, |u| {
+                    u.push_event(s.event.id, LocalEvent::Success)
+                });
             }
             UsageEvent::Failure { .. } | UsageEvent::Success { .. } => {}
         }

@@ -154,13 +154,16 @@ impl Verifier {
         user: &mut User,
         attempt: Attempt<'_>,
     ) -> Option<(FactorKind, String, UsageEvent)> {
-        for factor in &mut user.factors {
+        let mut matched = None;
+        for (index, factor) in user.factors().enumerate() {
             let binding = Binding {
                 tenant: attempt.tenant,
                 user: attempt.user,
-                factor: &factor.id,
+                factor: factor.id,
             };
-            let secret = match self.keyring.open_secret(&factor.sealed, &binding) {
+            let opened = Sealed::from_bytes(factor.sealed)
+                .and_then(|sealed| self.keyring.open_secret(&sealed, &binding));
+            let secret = match opened {
                 Ok(secret) => secret,
                 Err(e) => {
                     tracing::error!(factor = %factor.id, error = %e, "cannot open a factor's secret");
@@ -176,17 +179,19 @@ impl Verifier {
                 factor.last_step,
             );
             if let Verdict::Valid { step } = verdict {
-                factor.last_step = Some(step);
-                let event = UsageEvent::TotpAccepted {
-                    tenant: attempt.tenant.to_owned(),
-                    user: attempt.user.to_owned(),
-                    factor: factor.id.to_string(),
-                    step,
-                };
-                return Some((FactorKind::Totp, factor.id.to_string(), event));
+                matched = Some((index, factor.id.to_owned(), step));
+                break;
             }
         }
-        None
+        let (index, id, step) = matched?;
+        user.accept_step(index, step);
+        let event = UsageEvent::TotpAccepted {
+            tenant: attempt.tenant.to_owned(),
+            user: attempt.user.to_owned(),
+            factor: id.clone(),
+            step,
+        };
+        Some((FactorKind::Totp, id, event))
     }
 
     fn match_backup(
@@ -194,7 +199,7 @@ impl Verifier {
         user: &mut User,
         attempt: Attempt<'_>,
     ) -> Option<(FactorKind, String, UsageEvent)> {
-        let set = user.backup.as_mut()?;
+        let set = user.backup_mut()?;
         let index = backup::find_match(self.keyring.hash_key(), attempt.code, &set.hashes)?;
         let used = set.used.get_mut(index)?;
         if *used {
@@ -244,12 +249,14 @@ mod tests {
     use twofold_core::seal::MasterKey;
 
     use super::*;
-    use crate::index::{BackupSet, Factor};
+    use crate::index::{BackupSet, Factor, Index, Prepared};
 
     const TENANT: &str = "tn_a";
     const USER: &str = "alice";
 
-    fn setup() -> (Verifier, User, Secret, Vec<String>) {
+    /// A verifier and an index holding alice with one TOTP factor and backup
+    /// codes.
+    fn setup() -> (Verifier, Index, Secret, Vec<String>) {
         let keyring = Keyring::new(MasterKey::generate().unwrap());
         let secret = Secret::generate(Algorithm::Sha1).unwrap();
         let sealed = keyring
@@ -263,25 +270,50 @@ mod tests {
             )
             .unwrap();
         let codes = backup::BackupCodes::generate().unwrap();
-        let mut user = User::default();
-        user.factors = vec![Factor {
-            id: "fa_1".into(),
-            params: TotpParams::default(),
-            sealed,
-            last_step: None,
-        }];
-        user.backup = Some(BackupSet {
-            set_id: "fa_set".into(),
-            hashes: codes.hashes(keyring.hash_key()).into_boxed_slice(),
-            used: vec![false; 10].into_boxed_slice(),
-        });
+        let index = Index::default();
+        index.apply(vec![
+            Prepared::PutTotp {
+                tenant: TENANT.into(),
+                user: USER.into(),
+                factor: Factor {
+                    id: "fa_1".into(),
+                    params: TotpParams::default(),
+                    sealed,
+                    last_step: None,
+                },
+            },
+            Prepared::PutBackup {
+                tenant: TENANT.into(),
+                user: USER.into(),
+                set: BackupSet {
+                    set_id: "fa_set".into(),
+                    hashes: codes.hashes(keyring.hash_key()).into_boxed_slice(),
+                    used: vec![false; 10].into_boxed_slice(),
+                },
+            },
+        ]);
         let plain = codes
             .as_slice()
             .iter()
             .map(|c| c.expose().to_owned())
             .collect();
         let verifier = Verifier::new(keyring, Skew::default(), ThrottlePolicy::default()).unwrap();
-        (verifier, user, secret, plain)
+        (verifier, index, secret, plain)
+    }
+
+    /// One attempt on alice.
+    fn run(
+        v: &Verifier,
+        index: &Index,
+        code: &str,
+        now: u64,
+        ids: &mut dyn FnMut() -> u64,
+    ) -> (Outcome, Vec<(u64, UsageEvent)>) {
+        index
+            .with_user(TENANT, USER, |user| {
+                v.attempt(user, attempt(code, now), ids)
+            })
+            .unwrap()
     }
 
     fn attempt(code: &str, now: u64) -> Attempt<'_> {
@@ -304,11 +336,11 @@ mod tests {
 
     #[test]
     fn a_code_is_accepted_once_even_with_other_spacing() {
-        let (v, mut user, secret, _) = setup();
+        let (v, index, secret, _) = setup();
         let now = 1_700_000_000;
         let code = otp::totp(&secret, now, TotpParams::default());
         let mut ids = counter();
-        let (outcome, events) = v.attempt(&mut user, attempt(&code, now), &mut ids);
+        let (outcome, events) = run(&v, &index, &code, now, &mut ids);
         assert_eq!(
             outcome,
             Outcome::Valid {
@@ -318,56 +350,58 @@ mod tests {
         );
         assert!(matches!(events[0].1, UsageEvent::TotpAccepted { step, .. } if step == now / 30));
         let spaced = format!(" {} {} ", &code[..3], &code[3..]);
-        assert_eq!(
-            v.attempt(&mut user, attempt(&spaced, now), &mut ids).0,
-            Outcome::Invalid
-        );
+        assert_eq!(run(&v, &index, &spaced, now, &mut ids).0, Outcome::Invalid);
     }
 
     #[test]
     fn backup_codes_are_single_use_and_normalised() {
-        let (v, mut user, _, codes) = setup();
+        let (v, index, _, codes) = setup();
         let mut ids = counter();
         let typed = codes[3].to_uppercase().replace('-', " ");
         assert!(matches!(
-            v.attempt(&mut user, attempt(&typed, 1000), &mut ids).0,
+            run(&v, &index, &typed, 1000, &mut ids).0,
             Outcome::Valid {
                 kind: FactorKind::Backup,
                 ..
             }
         ));
         assert_eq!(
-            v.attempt(&mut user, attempt(&codes[3], 1000), &mut ids).0,
+            run(&v, &index, &codes[3], 1000, &mut ids).0,
             Outcome::Invalid
         );
-        assert!(user.backup.as_ref().unwrap().used[3]);
+        assert_eq!(
+            index.with_user(TENANT, USER, |u| u.backup().unwrap().used[3]),
+            Some(true)
+        );
     }
 
     #[test]
     fn failures_throttle_then_success_resets() {
-        let (v, mut user, secret, _) = setup();
+        let (v, index, secret, _) = setup();
         let mut ids = counter();
         let now = 1_700_000_000;
         for _ in 0..5 {
-            assert_eq!(
-                v.attempt(&mut user, attempt("000000", now), &mut ids).0,
-                Outcome::Invalid
-            );
+            assert_eq!(run(&v, &index, "000000", now, &mut ids).0, Outcome::Invalid);
         }
         assert_eq!(
-            v.attempt(&mut user, attempt("000000", now), &mut ids).0,
+            run(&v, &index, "000000", now, &mut ids).0,
             Outcome::Throttled { retry_after: 30 }
         );
         let later = now + 31;
         let code = otp::totp(&secret, later, TotpParams::default());
-        let (outcome, events) = v.attempt(&mut user, attempt(&code, later), &mut ids);
+        let (outcome, events) = run(&v, &index, &code, later, &mut ids);
         assert!(matches!(outcome, Outcome::Valid { .. }));
         assert!(
             events
                 .iter()
                 .any(|(_, e)| matches!(e, UsageEvent::Success { .. }))
         );
-        assert_eq!(user.throttle(0, &ThrottlePolicy::default()).failures, 0);
+        assert_eq!(
+            index.with_user(TENANT, USER, |u| u
+                .throttle(0, &ThrottlePolicy::default())
+                .failures),
+            Some(0)
+        );
     }
 
     #[test]
