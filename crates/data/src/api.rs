@@ -164,11 +164,9 @@ async fn verify_inner(
         .hash_key()
         .hash(API_KEY_HASH_DOMAIN, token.as_bytes());
     let request = parse_request(headers, body)?;
-    let ukey;
     let (mut outcome, mut events) = {
         let index = node.index();
         let key = index.key(&hash).ok_or_else(ApiError::unauthorized)?;
-        ukey = user_key(&key.tenant, &request.user);
         let attempt = Attempt {
             tenant: &key.tenant,
             user: &request.user,
@@ -181,7 +179,10 @@ async fn verify_inner(
                 node.verifier
                     .attempt(user, attempt, &mut || node.next_event_id())
             })
-            .unwrap_or_else(|| (node.verifier.attempt_unknown(&ukey, attempt), Vec::new()))
+            .unwrap_or_else(|| {
+                let ukey = user_key(&key.tenant, &request.user);
+                (node.verifier.attempt_unknown(&ukey, attempt), Vec::new())
+            })
     };
     if node.config.strict_backup_codes
         && let Some(code) = backup_use(&events)
@@ -206,9 +207,17 @@ async fn verify_inner(
         }
     }
     if !events.is_empty() {
-        // Replay protection must survive a crash before the code is reported
-        // valid, so wait for the outbox to commit. A failure here fails closed.
-        if let Err(e) = node.outbox.record(events).await {
+        // Replay protection must survive a crash before a code is reported valid,
+        // so a success waits for the outbox to commit, and fails closed if it
+        // cannot. A failure only counts towards throttling: it joins the next
+        // group commit without holding the answer (a crash in between forgets
+        // at most a few milliseconds of failures).
+        let recorded = if matches!(outcome, Outcome::Valid { .. }) {
+            node.outbox.record(events).await
+        } else {
+            node.outbox.enqueue(events)
+        };
+        if let Err(e) = recorded {
             tracing::error!(error = %e, "cannot record usage; refusing the attempt");
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -184,26 +184,29 @@ impl<'a> Cursor<'a> {
     }
 }
 
+fn encoded_len(f: &Factor) -> usize {
+    15 + f.id.len() + f.sealed.as_bytes().len()
+}
+
+fn encode_factor(out: &mut Vec<u8>, f: &Factor) {
+    out.push(f.id.len() as u8);
+    out.extend_from_slice(f.id.as_bytes());
+    out.push(algorithm_code(f.params.algorithm));
+    out.push(f.params.digits.get());
+    out.extend_from_slice(&(f.params.period.seconds() as u16).to_le_bytes());
+    out.extend_from_slice(&f.last_step.unwrap_or(NO_STEP).to_le_bytes());
+    let sealed = f.sealed.as_bytes();
+    out.extend_from_slice(&(sealed.len() as u16).to_le_bytes());
+    out.extend_from_slice(sealed);
+}
+
 fn encode(user: &str, factors: &[Factor]) -> Box<[u8]> {
-    let mut out = Vec::with_capacity(
-        2 + user.len()
-            + factors
-                .iter()
-                .map(|f| 15 + f.id.len() + f.sealed.as_bytes().len())
-                .sum::<usize>(),
-    );
+    let mut out =
+        Vec::with_capacity(2 + user.len() + factors.iter().map(encoded_len).sum::<usize>());
     out.extend_from_slice(&(user.len() as u16).to_le_bytes());
     out.extend_from_slice(user.as_bytes());
     for f in factors {
-        out.push(f.id.len() as u8);
-        out.extend_from_slice(f.id.as_bytes());
-        out.push(algorithm_code(f.params.algorithm));
-        out.push(f.params.digits.get());
-        out.extend_from_slice(&(f.params.period.seconds() as u16).to_le_bytes());
-        out.extend_from_slice(&f.last_step.unwrap_or(NO_STEP).to_le_bytes());
-        let sealed = f.sealed.as_bytes();
-        out.extend_from_slice(&(sealed.len() as u16).to_le_bytes());
-        out.extend_from_slice(sealed);
+        encode_factor(&mut out, f);
     }
     out.into_boxed_slice()
 }
@@ -341,6 +344,15 @@ impl User {
     /// Keep what this node knows beyond the feed when the feed replaces a factor:
     /// steps only grow.
     fn merge_factor(&mut self, mut factor: Factor) {
+        if !self.factors().any(|f| f.id == &*factor.id) {
+            // A new factor (the common case, and every one of a bootstrap) is
+            // appended without decoding the others.
+            let mut record = Vec::with_capacity(self.record.len() + encoded_len(&factor));
+            record.extend_from_slice(&self.record);
+            encode_factor(&mut record, &factor);
+            self.record = record.into_boxed_slice();
+            return;
+        }
         let mut factors = self.owned_factors();
         if let Some(old) = factors.iter_mut().find(|f| f.id == factor.id) {
             factor.last_step = factor.last_step.max(old.last_step);
@@ -429,14 +441,14 @@ fn checked_owner(
     user: &str,
 ) -> Result<(Box<str>, Box<str>), RecordError> {
     UserId::try_new(user).map_err(|e| invalid(kind, e.to_string()))?;
-    if tenant.is_empty() || tenant.len() > MAX_ID_LEN || tenant.contains('\0') {
+    if tenant.is_empty() || tenant.len() > MAX_ID_LEN || tenant.chars().any(char::is_control) {
         return Err(invalid(kind, "empty or malformed tenant"));
     }
     Ok((tenant.into(), user.into()))
 }
 
 fn checked_id(kind: &'static str, id: &str) -> Result<Box<str>, RecordError> {
-    if id.is_empty() || id.len() > MAX_ID_LEN {
+    if id.is_empty() || id.len() > MAX_ID_LEN || id.chars().any(char::is_control) {
         return Err(invalid(kind, "empty or overlong id"));
     }
     Ok(id.into())
@@ -471,7 +483,8 @@ pub fn prepare(op: &Op) -> Result<Prepared, RecordError> {
     }
 }
 
-fn prepare_put(entity: &Entity) -> Result<Prepared, RecordError> {
+/// Check one entity of a snapshot and convert it.
+pub fn prepare_put(entity: &Entity) -> Result<Prepared, RecordError> {
     Ok(match entity {
         Entity::Tenant(t) => {
             checked_id("tenant", &t.id)?;

@@ -162,6 +162,15 @@ impl Outbox {
         done.await.map_err(|_| OutboxError::Closed)?
     }
 
+    /// Queue events for the next group commit without waiting for it.
+    pub fn enqueue(&self, events: Vec<(u64, UsageEvent)>) -> Result<()> {
+        // Nobody waits for the reply; the thread ignores a closed receiver.
+        let (reply, _) = oneshot::channel();
+        self.tx
+            .send(Command::Record(events, reply))
+            .map_err(|_| OutboxError::Closed)
+    }
+
     /// Up to `limit` events not yet acknowledged, oldest first.
     pub async fn unsent(&self, limit: usize) -> Result<Vec<NumberedEvent>> {
         let (reply, done) = oneshot::channel();

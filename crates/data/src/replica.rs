@@ -16,10 +16,18 @@ use crate::index::{Index, RecordError, prepare};
 const FILE: &str = "replica.db";
 const STAGING: &str = "replica.db.next";
 
+/// Bumped whenever the stored layout changes; a replica of another format is
+/// discarded and bootstrapped again.
+const FORMAT: &str = "2";
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
-CREATE TABLE IF NOT EXISTS entities (key TEXT PRIMARY KEY, body BLOB NOT NULL) STRICT, WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS entities (key TEXT NOT NULL, body BLOB NOT NULL) STRICT;
 ";
+
+/// Built after a bulk load rather than during it: sorting once is much faster
+/// than inserting a million random keys into a B-tree.
+const KEY_INDEX: &str = "CREATE UNIQUE INDEX IF NOT EXISTS entities_by_key ON entities (key);";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
@@ -44,10 +52,21 @@ pub struct Position {
     pub applied: u64,
 }
 
-fn key_text(key: &EntityKey) -> String {
-    // Serialising a key into a String cannot fail.
-    serde_json::to_string(key).unwrap_or_default()
+/// The stored form of a key: its parts joined by U+001F, a control character no
+/// id or user id can contain.
+pub fn key_text(key: &EntityKey) -> String {
+    const SEP: char = '\u{1f}';
+    match key {
+        EntityKey::Tenant { id } => format!("tenant{SEP}{id}"),
+        EntityKey::ApiKey { id } => format!("api_key{SEP}{id}"),
+        EntityKey::Totp { tenant, user, id } => format!("totp{SEP}{tenant}{SEP}{user}{SEP}{id}"),
+        EntityKey::BackupCodes { tenant, user } => format!("backup_codes{SEP}{tenant}{SEP}{user}"),
+        EntityKey::UserState { tenant, user } => format!("user_state{SEP}{tenant}{SEP}{user}"),
+    }
 }
+
+/// A row of the replica: the key's stored form and the entity's canonical bytes.
+pub type Row = (String, Vec<u8>);
 
 fn open_conn(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)?;
@@ -56,6 +75,7 @@ fn open_conn(path: &Path) -> Result<Connection> {
     // power cut may lose the last few, which the feed sends again.
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.execute_batch(SCHEMA)?;
+    conn.execute_batch(KEY_INDEX)?;
     Ok(conn)
 }
 
@@ -98,8 +118,21 @@ impl Replica {
     /// staging file left by an interrupted bootstrap is removed.
     pub fn open(dir: &Path) -> Result<Replica> {
         remove_if_exists(&dir.join(STAGING))?;
-        let conn = open_conn(&dir.join(FILE))?;
-        let position = read_position(&conn)?;
+        let live = dir.join(FILE);
+        let mut conn = open_conn(&live)?;
+        let mut position = read_position(&conn)?;
+        let format: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'format'", [], |r| r.get(0))
+            .optional()?;
+        if position.log_id.is_some() && format.as_deref() != Some(FORMAT) {
+            tracing::warn!(found = ?format, "replica written in another format; discarding it to bootstrap again");
+            conn.close().map_err(|(_, e)| e)?;
+            for suffix in ["", "-wal", "-shm"] {
+                remove_if_exists(&dir.join(format!("{FILE}{suffix}")))?;
+            }
+            conn = open_conn(&live)?;
+            position = Position::default();
+        }
         Ok(Replica {
             dir: dir.to_owned(),
             conn,
@@ -235,12 +268,12 @@ impl Staging {
         Ok(Staging { path, conn })
     }
 
-    pub fn insert(&mut self, entities: &[Entity]) -> Result<()> {
+    pub fn insert(&mut self, rows: &[Row]) -> Result<()> {
         let mut put = self
             .conn
-            .prepare_cached("INSERT OR REPLACE INTO entities (key, body) VALUES (?, ?)")?;
-        for entity in entities {
-            put.execute(params![key_text(&entity.key()), entity.canonical_bytes()])?;
+            .prepare_cached("INSERT INTO entities (key, body) VALUES (?, ?)")?;
+        for (key, body) in rows {
+            put.execute(params![key, body])?;
         }
         Ok(())
     }
@@ -248,6 +281,10 @@ impl Staging {
     /// Record the position, commit, and make the file durable.
     pub fn finish(self, position: &Position) -> Result<Staged> {
         let Staging { path, conn } = self;
+        // A snapshot holds each key once; a duplicate fails here and the
+        // bootstrap starts over.
+        conn.execute_batch(KEY_INDEX)?;
+        write_meta(&conn, "format", FORMAT)?;
         write_meta(&conn, "applied", &position.applied.to_string())?;
         if let Some(log_id) = &position.log_id {
             write_meta(&conn, "log_id", log_id)?;
@@ -284,6 +321,10 @@ mod tests {
             id: id.into(),
             name: "acme".into(),
         })
+    }
+
+    fn row(entity: &Entity) -> Row {
+        (key_text(&entity.key()), entity.canonical_bytes())
     }
 
     fn change(seq: u64, ops: Vec<Op>) -> Change {
@@ -340,7 +381,7 @@ mod tests {
             )])
             .unwrap();
         let mut staging = Staging::create(dir.path()).unwrap();
-        staging.insert(&[tenant("tn_new")]).unwrap();
+        staging.insert(&[row(&tenant("tn_new"))]).unwrap();
         let staged = staging
             .finish(&Position {
                 log_id: Some("log2".into()),
@@ -374,7 +415,7 @@ mod tests {
             )])
             .unwrap();
         let mut staging = Staging::create(dir.path()).unwrap();
-        staging.insert(&[tenant("tn_b")]).unwrap();
+        staging.insert(&[row(&tenant("tn_b"))]).unwrap();
         drop(staging);
         drop(replica);
         let replica = Replica::open(dir.path()).unwrap();

@@ -14,6 +14,10 @@ use crate::sync::Backoff;
 
 /// Events sent per report.
 const BATCH: usize = 500;
+/// How long the reporter waits after a wake-up so that events arriving together
+/// travel in one report (and one merged change). Small against the cross-node
+/// window it adds to.
+const LINGER: Duration = Duration::from_millis(10);
 /// Even without a wake-up, look at the outbox this often.
 const IDLE_POLL: Duration = Duration::from_secs(1);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -104,7 +108,11 @@ pub async fn run(node: Arc<Node>) {
         };
         if events.is_empty() {
             tokio::select! {
-                () = node.report_wake.notified() => continue,
+                () = node.report_wake.notified() => {
+                    // Let a burst of attempts gather into one report.
+                    tokio::time::sleep(LINGER).await;
+                    continue;
+                }
                 () = tokio::time::sleep(IDLE_POLL) => continue,
                 () = node.shutdown.cancelled() => return,
             }

@@ -16,11 +16,11 @@ use bytes::{Buf, BytesMut};
 use futures_util::StreamExt;
 use reqwest::StatusCode;
 use tokio_util::sync::CancellationToken;
-use twofold_core::feed::{Change, ChangeLine, Entity, SnapshotLine, StateDigest};
+use twofold_core::feed::{Change, ChangeLine, SnapshotLine, StateDigest};
 
-use crate::index::{Index, Prepared, RecordError, prepare};
+use crate::index::{Index, Prepared, RecordError, prepare, prepare_put};
 use crate::node::Node;
-use crate::replica::{Position, Replica, ReplicaError, Staging};
+use crate::replica::{Position, Replica, ReplicaError, Row, Staging, key_text};
 
 /// Entities written to the staging file per transaction chunk.
 const SNAPSHOT_BATCH: usize = 10_000;
@@ -340,7 +340,7 @@ async fn bootstrap(
     let mut digest = StateDigest::default();
     let mut begin: Option<u64> = None;
     let mut end: Option<(u64, u64, String)> = None;
-    let mut batch: Vec<Entity> = Vec::with_capacity(SNAPSHOT_BATCH);
+    let mut batch: Vec<Row> = Vec::with_capacity(SNAPSHOT_BATCH);
     let mut prepared: Vec<Prepared> = Vec::with_capacity(SNAPSHOT_BATCH);
     let mut body = response.bytes_stream();
     let mut lines = LineBuffer::new(node.config.max_line);
@@ -360,11 +360,12 @@ async fn bootstrap(
             {
                 SnapshotLine::Begin { seq } if begin.is_none() => begin = Some(seq),
                 SnapshotLine::Entity { entity } if begin.is_some() => {
-                    digest.add(&entity);
-                    prepared.push(prepare(&twofold_core::feed::Op::Put {
-                        entity: entity.clone(),
-                    })?);
-                    batch.push(entity);
+                    // Serialised once: the same bytes feed the digest and the
+                    // replica.
+                    let body = entity.canonical_bytes();
+                    digest.add_canonical(&body);
+                    prepared.push(prepare_put(&entity)?);
+                    batch.push((key_text(&entity.key()), body));
                 }
                 SnapshotLine::End { seq, count, digest } if begin.is_some() => {
                     end = Some((seq, count, digest))
@@ -373,12 +374,12 @@ async fn bootstrap(
             }
         }
         if batch.len() >= SNAPSHOT_BATCH || end.is_some() {
-            let entities = std::mem::take(&mut batch);
+            let rows = std::mem::take(&mut batch);
             let mut stage = staging
                 .take()
                 .ok_or_else(|| SyncError::Worker("staging missing".into()))?;
             let (stage, result) = tokio::task::spawn_blocking(move || {
-                let result = stage.insert(&entities);
+                let result = stage.insert(&rows);
                 (stage, result)
             })
             .await
@@ -433,7 +434,7 @@ fn node_dir(replica: &Option<Replica>) -> Result<std::path::PathBuf, SyncError> 
 
 #[cfg(test)]
 mod tests {
-    use twofold_core::feed::{Op, TenantRecord};
+    use twofold_core::feed::{Entity, Op, TenantRecord};
 
     use super::*;
 
