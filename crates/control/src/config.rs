@@ -14,6 +14,8 @@ pub const DEFAULT_MAX_TOTP_FACTORS: usize = 5;
 pub const DEFAULT_RETAIN_CHANGES: u64 = 1_000_000;
 /// Changes older than this are dropped from the log (the newest is always kept).
 pub const DEFAULT_RETAIN_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How often the change log is compacted (the first pass runs at start).
+pub const DEFAULT_COMPACT_EVERY: Duration = Duration::from_secs(60);
 /// How often an idle change stream says it is alive.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 /// Largest request body accepted.
@@ -32,6 +34,8 @@ pub struct Config {
     pub max_totp_factors: usize,
     pub retain_changes: u64,
     pub retain_age: Duration,
+    /// How often compaction applies the two limits above; must not be zero.
+    pub compact_every: Duration,
     pub heartbeat: Duration,
     pub body_limit: usize,
     pub default_issuer: String,
@@ -48,6 +52,7 @@ impl Config {
             max_totp_factors: DEFAULT_MAX_TOTP_FACTORS,
             retain_changes: DEFAULT_RETAIN_CHANGES,
             retain_age: DEFAULT_RETAIN_AGE,
+            compact_every: DEFAULT_COMPACT_EVERY,
             heartbeat: DEFAULT_HEARTBEAT,
             body_limit: DEFAULT_BODY_LIMIT,
             default_issuer: DEFAULT_ISSUER.to_owned(),

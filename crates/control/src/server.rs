@@ -1,8 +1,6 @@
 //! Running the control plane: operator token set-up, log compaction in the
 //! background, and the HTTP server with graceful shutdown.
 
-use std::time::Duration;
-
 use tokio::net::TcpListener;
 use twofold_core::secret::random_token;
 use zeroize::Zeroizing;
@@ -11,9 +9,6 @@ use crate::api;
 use crate::auth::{OPERATOR_DOMAIN, OPERATOR_PREFIX};
 use crate::state::AppState;
 use crate::store::StoreError;
-
-/// How often the change log is compacted.
-const COMPACT_EVERY: Duration = Duration::from_secs(60);
 
 /// Make sure an operator token exists. A token given in the configuration
 /// replaces the stored hash. Otherwise, on first start, a token is generated and
@@ -36,9 +31,15 @@ pub fn ensure_operator_token(state: &AppState) -> Result<Option<Zeroizing<String
     Ok(Some(token))
 }
 
-/// Drop changes beyond the retention limits, once a minute, until shutdown.
+/// Drop changes beyond the retention limits, at start and then every
+/// `compact_every` (once a minute by default), until shutdown.
 async fn compact_forever(state: AppState) {
-    let mut tick = tokio::time::interval(COMPACT_EVERY);
+    // `interval` panics on a zero period; the binary refuses zero anyway.
+    let every = state
+        .config
+        .compact_every
+        .max(std::time::Duration::from_millis(1));
+    let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
             _ = tick.tick() => {}

@@ -41,6 +41,9 @@ pub fn control(
     if let Some(age) = settings.retain_age {
         config.retain_age = age;
     }
+    if let Some(every) = settings.compact_every {
+        config.compact_every = every;
+    }
     let state = AppState::new(store, config, Clock::system(), shutdown);
     let token = ensure_operator_token(&state)?;
     Ok((state, token))

@@ -64,6 +64,11 @@ pub struct ControlArgs {
     /// Seconds a change is kept in the log [default: 604800, 7 days].
     #[arg(long, env = "TWOFOLD_RETAIN_SECS")]
     pub retain_secs: Option<u64>,
+
+    /// Seconds between two compactions of the change log, which drop what the
+    /// two limits above no longer keep; the first runs at start [default: 60].
+    #[arg(long, env = "TWOFOLD_COMPACT_EVERY_SECS")]
+    pub compact_every_secs: Option<u64>,
 }
 
 /// Data-plane settings.
@@ -143,6 +148,7 @@ struct ControlFile {
     operator_token: Option<String>,
     retain_changes: Option<u64>,
     retain_secs: Option<u64>,
+    compact_every_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -233,6 +239,7 @@ pub struct Control {
     pub operator_token: Option<String>,
     pub retain_changes: Option<u64>,
     pub retain_age: Option<Duration>,
+    pub compact_every: Option<Duration>,
 }
 
 pub fn control(args: &ControlArgs, file: &File) -> anyhow::Result<Control> {
@@ -245,6 +252,10 @@ pub fn control(args: &ControlArgs, file: &File) -> anyhow::Result<Control> {
     {
         bail!("the operator token must start with tfo_ and be at least 24 characters long");
     }
+    let compact_every_secs = args.compact_every_secs.or(file.control.compact_every_secs);
+    if compact_every_secs == Some(0) {
+        bail!("compact_every_secs must be at least 1");
+    }
     Ok(Control {
         listen: args
             .listen
@@ -256,6 +267,7 @@ pub fn control(args: &ControlArgs, file: &File) -> anyhow::Result<Control> {
             .retain_secs
             .or(file.control.retain_secs)
             .map(Duration::from_secs),
+        compact_every: compact_every_secs.map(Duration::from_secs),
     })
 }
 
@@ -354,6 +366,25 @@ mod tests {
         let policy = throttle(&probe.data.throttle, &file).unwrap();
         assert_eq!(policy.lock_after(), 50);
         assert_eq!(policy.free_failures(), 5);
+    }
+
+    #[derive(Debug, Parser)]
+    struct ControlProbe {
+        #[command(flatten)]
+        control: ControlArgs,
+    }
+
+    #[test]
+    fn compaction_runs_every_so_many_seconds_but_never_zero() {
+        let file: File = toml::from_str("[control]\ncompact_every_secs = 5").unwrap();
+        let probe = ControlProbe::parse_from(["probe"]);
+        let resolved = control(&probe.control, &file).unwrap();
+        assert_eq!(resolved.compact_every, Some(Duration::from_secs(5)));
+        let probe = ControlProbe::parse_from(["probe", "--compact-every-secs", "0"]);
+        assert!(control(&probe.control, &file).is_err());
+        let probe = ControlProbe::parse_from(["probe"]);
+        let none = control(&probe.control, &File::default()).unwrap();
+        assert_eq!(none.compact_every, None);
     }
 
     #[test]

@@ -281,6 +281,7 @@ pub async fn run(
         operator_token: operator_token.clone(),
         retain_changes: None,
         retain_age: None,
+        compact_every: None,
     };
     let (state, generated) = planes::control(
         data_dir,

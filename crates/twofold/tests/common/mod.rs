@@ -15,6 +15,8 @@
 //!   agreeing with it.
 //! - [`wait_for`] polls a condition every few milliseconds until a deadline:
 //!   tests never sleep and hope.
+//! - [`in_parallel`], [`backup_codes_for`] and [`active_factors_for`] set up many
+//!   users at once; [`assert_same_state`] compares a replica with its source.
 //!
 //! A control plane keeps its port across restarts (data planes already point at
 //! it); a data plane takes a new one unless started with [`Port::Pick`].
@@ -99,6 +101,45 @@ pub fn random_below(bound: u64) -> u64 {
 /// A new master key: base64 of 32 random bytes, as `TWOFOLD_MASTER_KEY` takes.
 pub fn new_master_key() -> String {
     data_encoding::BASE64.encode(&random_bytes::<32>())
+}
+
+/// Run `f` on every item, `parallel` at a time; the results come back in the
+/// items' order. A panic in `f` fails the caller.
+pub async fn in_parallel<T, R, F, Fut>(items: Vec<T>, parallel: usize, f: F) -> Vec<R>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+    F: Fn(T) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = R> + Send + 'static,
+{
+    let total = items.len();
+    let queue: Arc<Mutex<VecDeque<(usize, T)>>> =
+        Arc::new(Mutex::new(items.into_iter().enumerate().collect()));
+    let f = Arc::new(f);
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..parallel.max(1) {
+        let (queue, f) = (queue.clone(), f.clone());
+        workers.spawn(async move {
+            let mut done = Vec::new();
+            loop {
+                let next = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+                let Some((i, item)) = next else {
+                    return done;
+                };
+                done.push((i, f(item).await));
+            }
+        });
+    }
+    let mut results: Vec<Option<R>> = (0..total).map(|_| None).collect();
+    while let Some(done) = workers.join_next().await {
+        for (i, result) in done.unwrap_or_else(|e| panic!("a parallel task failed: {e}")) {
+            results[i] = Some(result);
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.expect("every item was done"))
+        .collect()
 }
 
 /// A port that was free a moment ago, for a process that must keep its port.
@@ -519,6 +560,16 @@ pub fn enc(segment: &str) -> String {
         }
     }
     out
+}
+
+/// The answer of a verification that matched `kind` (`totp` or `backup`).
+pub fn valid(kind: &str, factor_id: &str) -> Value {
+    json!({ "valid": true, "factor": kind, "factor_id": factor_id })
+}
+
+/// The answer of a verification that did not match, whatever the reason.
+pub fn invalid() -> Value {
+    json!({ "valid": false })
 }
 
 /// Check an error answer: its status, and a body that is exactly
@@ -1177,6 +1228,18 @@ impl DataPlane {
         })
     }
 
+    /// `twofold_data_bootstraps`: snapshots loaded since the process started.
+    pub async fn bootstraps(&self) -> Option<u64> {
+        self.metric("twofold_data_bootstraps")
+            .await
+            .map(|v| v as u64)
+    }
+
+    /// `twofold_data_resumes`: change streams opened since the process started.
+    pub async fn resumes(&self) -> Option<u64> {
+        self.metric("twofold_data_resumes").await.map(|v| v as u64)
+    }
+
     /// `twofold_data_applied_seq`.
     pub async fn applied_seq(&self) -> Option<u64> {
         self.metric("twofold_data_applied_seq")
@@ -1291,4 +1354,69 @@ impl Cluster {
     pub fn verify_key(&self) -> &str {
         &self.tenant.verify.secret
     }
+}
+
+// ---------------------------------------------------------------------------
+// Bulk set-up and state checks
+// ---------------------------------------------------------------------------
+
+/// Give each of `users` a set of backup codes, `parallel` requests at a time;
+/// the sets come back in the users' order.
+pub async fn backup_codes_for(
+    api: &Api,
+    manage: &str,
+    users: Vec<String>,
+    parallel: usize,
+) -> Vec<BackupCodes> {
+    let (api, manage) = (api.clone(), manage.to_owned());
+    in_parallel(users, parallel, move |user| {
+        let (api, manage) = (api.clone(), manage.clone());
+        async move { api.backup_codes(&manage, &user).await }
+    })
+    .await
+}
+
+/// Enrol and activate a TOTP factor for each of `users`, `parallel` users at a
+/// time; the factors come back in the users' order.
+pub async fn active_factors_for(
+    api: &Api,
+    manage: &str,
+    users: Vec<String>,
+    parallel: usize,
+) -> Vec<Totp> {
+    let (api, manage) = (api.clone(), manage.to_owned());
+    in_parallel(users, parallel, move |user| {
+        let (api, manage) = (api.clone(), manage.clone());
+        async move { api.active_factor(&manage, &user).await }
+    })
+    .await
+}
+
+/// Wait until the node serves the control plane's current seq (possibly lower
+/// than before, after a new log), and compare the states at that seq. The
+/// control plane may still be merging the node's usage, so the seq is read
+/// again until the node has caught up with it.
+pub async fn assert_same_state(data: &DataPlane, control: &ControlPlane, node_token: &str) {
+    data.wait_ready().await;
+    let (expected, got) = wait_for(
+        "the node to serve the control plane's seq",
+        WAIT,
+        || async {
+            let expected = control.feed_digest(node_token).await;
+            let seq = expected["seq"].as_u64().expect("seq");
+            // The applied seq moves once the in-memory index is swapped too, after
+            // the replica file.
+            if data.applied_seq().await != Some(seq) {
+                return None;
+            }
+            let got = data.replica_digest().await;
+            (got["seq"] == expected["seq"]).then_some((expected, got))
+        },
+    )
+    .await;
+    assert_eq!(
+        got, expected,
+        "the replica matches the control plane at seq {}",
+        expected["seq"]
+    );
 }
