@@ -122,7 +122,9 @@ impl Replica {
         let mut conn = open_conn(&live)?;
         let mut position = read_position(&conn)?;
         let format: Option<String> = conn
-            .query_row("SELECT value FROM meta WHERE key = 'format'", [], |r| r.get(0))
+            .query_row("SELECT value FROM meta WHERE key = 'format'", [], |r| {
+                r.get(0)
+            })
             .optional()?;
         if position.log_id.is_some() && format.as_deref() != Some(FORMAT) {
             tracing::warn!(found = ?format, "replica written in another format; discarding it to bootstrap again");
