@@ -1568,3 +1568,30 @@ async fn enrolment_body_must_be_json_when_present() {
     assert_eq!(got.0, StatusCode::CREATED, "{}", got.1);
     assert_eq!(got.1["digits"], 6);
 }
+
+#[tokio::test]
+async fn five_wrong_activation_codes_cancel_the_enrolment() {
+    let server = TestServer::start().await;
+    let tenant = server.tenant("acme").await;
+    let factor = server.enroll(&tenant.manage, "alice").await;
+    let wrong = wrong_code(&factor, (server.now_ms() / 1000) as u64);
+    for attempt in 1..=5 {
+        let got = server
+            .try_activate(&tenant.manage, "alice", &factor.id, &wrong)
+            .await;
+        let expected = if attempt < 5 {
+            "invalid_code"
+        } else {
+            "too_many_wrong_codes"
+        };
+        assert_error(&got, StatusCode::UNPROCESSABLE_ENTITY, expected);
+    }
+    // The right code no longer helps: the pending factor is gone.
+    let right = server.code(&factor);
+    let got = server
+        .try_activate(&tenant.manage, "alice", &factor.id, &right)
+        .await;
+    assert_error(&got, StatusCode::NOT_FOUND, "not_found");
+    // A fresh enrolment works as usual.
+    server.active_factor(&tenant.manage, "alice").await;
+}

@@ -48,6 +48,10 @@ fn target(state: &AppState, caller: &Caller, user: String) -> Result<Target, Api
     })
 }
 
+/// Wrong codes a pending factor takes before it is dropped: enough for a
+/// mistyped code or a clock a step off, far too few to guess a 6-digit code.
+const MAX_ACTIVATION_FAILURES: u32 = 5;
+
 /// A factor id from the path; a malformed one is as missing as an unknown one.
 fn factor_id(raw: &str) -> Result<FactorId, ApiError> {
     raw.parse().map_err(|_| ApiError::not_found("factor"))
@@ -324,7 +328,7 @@ fn stored_params(row: &FactorRow) -> Result<TotpParams, ApiError> {
         (status = 409, description = "factor_already_active", body = ErrorBody),
         (status = 413, description = "body_too_large", body = ErrorBody),
         (status = 415, description = "the body is not declared as application/json", body = ErrorBody),
-        (status = 422, description = "invalid_code, or the body does not match the schema", body = ErrorBody),
+        (status = 422, description = "invalid_code; too_many_wrong_codes when the fifth wrong code cancels the enrolment", body = ErrorBody),
     ),
 )]
 pub async fn activate(
@@ -378,11 +382,34 @@ pub async fn activate(
     ) {
         Verdict::Valid { step } => step,
         Verdict::Invalid => {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_code",
-                "the code does not match; check the device's clock and try the current code",
-            ));
+            let limit = MAX_ACTIVATION_FAILURES;
+            let (actor, tenant, user, factor) =
+                (caller.actor(), tenant.clone(), user.clone(), factor.clone());
+            let dropped = state
+                .blocking(move |s| {
+                    Ok(s.store.fail_activation(
+                        now,
+                        &actor,
+                        &tenant,
+                        user.as_str(),
+                        factor.as_str(),
+                        limit,
+                    )?)
+                })
+                .await?;
+            return Err(if dropped {
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "too_many_wrong_codes",
+                    "too many wrong codes: the enrolment is cancelled; enrol again",
+                )
+            } else {
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_code",
+                    "the code does not match; check the device's clock and try the current code",
+                )
+            });
         }
         Verdict::Malformed => {
             return Err(ApiError::bad_request(

@@ -25,7 +25,11 @@ use twofold_core::ids::Scope;
 pub use feed::{FeedPosition, SnapshotSink};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` holds how many ran.
-const MIGRATIONS: &[&str] = &[include_str!("schema.sql"), include_str!("usage.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("schema.sql"),
+    include_str!("usage.sql"),
+    include_str!("activation.sql"),
+];
 
 /// How long a connection waits for another one's lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -487,6 +491,41 @@ impl Store {
 
     /// Activate a pending factor whose code verified at `step`. Fails with
     /// `NotFound` if the factor is gone or expired, `Conflict` if already active.
+    /// Count a wrong activation code for a pending factor; at `limit` wrong codes
+    /// the factor is dropped. Returns whether it was dropped.
+    pub fn fail_activation(
+        &self,
+        now_ms: i64,
+        actor: &Actor,
+        tenant: &str,
+        user: &str,
+        id: &str,
+        limit: u32,
+    ) -> Result<bool> {
+        let audit = AuditEntry {
+            action: "totp.activation_failed",
+            tenant: Some(tenant),
+            user: Some(user),
+            target: Some(id),
+        };
+        self.write(now_ms, actor, audit, |w| {
+            let failures: Option<u32> =
+                w.tx.query_row(
+                    "UPDATE totp_factors SET activation_failures = activation_failures + 1
+                     WHERE id = ? AND tenant = ? AND user = ? AND status = 'pending'
+                     RETURNING activation_failures",
+                    params![id, tenant, user],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let dropped = failures.is_some_and(|f| f >= limit);
+            if dropped {
+                w.tx.execute("DELETE FROM totp_factors WHERE id = ?", [id])?;
+            }
+            Ok(dropped)
+        })
+    }
+
     pub fn activate_totp(
         &self,
         now_ms: i64,
