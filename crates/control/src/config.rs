@@ -24,7 +24,6 @@ pub const DEFAULT_BODY_LIMIT: usize = 64 * 1024;
 pub const DEFAULT_ISSUER: &str = "Twofold";
 
 /// Everything the control plane needs to run, apart from where it listens.
-#[derive(Debug)]
 pub struct Config {
     /// Seals TOTP secrets and keys the hashes of API keys and backup codes.
     pub keyring: Keyring,
@@ -58,5 +57,27 @@ impl Config {
             default_issuer: DEFAULT_ISSUER.to_owned(),
             throttle: ThrottlePolicy::default(),
         }
+    }
+}
+
+impl std::fmt::Debug for Config {
+    /// Everything but the operator token, which is only said to be set or not.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("keyring", &self.keyring)
+            .field(
+                "operator_token",
+                &self.operator_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("pending_ttl", &self.pending_ttl)
+            .field("max_totp_factors", &self.max_totp_factors)
+            .field("retain_changes", &self.retain_changes)
+            .field("retain_age", &self.retain_age)
+            .field("compact_every", &self.compact_every)
+            .field("heartbeat", &self.heartbeat)
+            .field("body_limit", &self.body_limit)
+            .field("default_issuer", &self.default_issuer)
+            .field("throttle", &self.throttle)
+            .finish()
     }
 }

@@ -1595,3 +1595,22 @@ async fn five_wrong_activation_codes_cancel_the_enrolment() {
     // A fresh enrolment works as usual.
     server.active_factor(&tenant.manage, "alice").await;
 }
+
+#[tokio::test]
+async fn names_too_long_for_a_qr_code_are_a_bad_request() {
+    let server = TestServer::start().await;
+    let tenant = server.tenant("acme").await;
+    let long = "€".repeat(85);
+    let (status, body) = server
+        .try_enroll(
+            &tenant.manage,
+            "alice",
+            json!({"issuer": long, "account": long}),
+        )
+        .await;
+    assert_error(
+        &(status, body),
+        StatusCode::BAD_REQUEST,
+        "invalid_parameter",
+    );
+}

@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{OPERATOR, Replica, TestServer, assert_error, eventually};
+use common::{OPERATOR, Replica, TestServer, WAIT, assert_error, eventually};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
+use twofold_control::state::Clock;
 use twofold_core::feed::{Change, ChangeLine, Entity, EntityKey, Op, SnapshotLine, StateDigest};
 
 /// A tenant with users in every state the feed knows, and a few that it must
@@ -713,4 +714,41 @@ async fn open_streams_are_counted_and_end_at_shutdown() {
     s.shutdown().await;
     assert_eq!(first.next_change().await.seq, 1);
     assert_eq!(first.next_within(common::WAIT).await, None);
+}
+
+#[tokio::test]
+async fn a_revoked_node_key_loses_its_open_stream() {
+    let server = TestServer::start_with(Clock::system(), None, |config| {
+        config.heartbeat = Duration::from_millis(100);
+    })
+    .await;
+    let node = server.create_node_key().await;
+    let mut stream = server.changes(&node.secret, 0).await;
+    assert!(matches!(
+        stream.next_within(WAIT).await,
+        Some(ChangeLine::Heartbeat { .. })
+    ));
+    let (status, _) = server
+        .delete(&format!("/v1/node-keys/{}", node.id), OPERATOR)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    // Heartbeats may still arrive until the next check; then the stream ends.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stream still open after revocation"
+        );
+        let asked = tokio::time::Instant::now();
+        match stream.next_within(Duration::from_secs(2)).await {
+            // With heartbeats every 100 ms, silence this long is a timeout, not
+            // an end.
+            None if asked.elapsed() >= Duration::from_secs(2) => {
+                panic!("stream went silent without closing")
+            }
+            None => break,
+            Some(ChangeLine::Heartbeat { .. }) => continue,
+            Some(other) => panic!("unexpected line {other:?}"),
+        }
+    }
 }

@@ -62,11 +62,21 @@ impl IntoResponse for ApiError {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct VerifyRequest {
     user: String,
     code: String,
+}
+
+impl std::fmt::Debug for VerifyRequest {
+    /// The code never appears in debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifyRequest")
+            .field("user", &self.user)
+            .field("code", &"<redacted>")
+            .finish()
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -184,6 +194,12 @@ async fn verify_inner(
                 (node.verifier.attempt_unknown(&ukey, attempt), Vec::new())
             })
     };
+    // The events' ids stay in flight until the events reach the outbox (or are
+    // dropped), so the reporter never sends a later id before an earlier one.
+    let mut in_flight = InFlight {
+        node,
+        ids: events.iter().map(|(id, _)| *id).collect(),
+    };
     if node.config.strict_backup_codes
         && let Some(code) = backup_use(&events)
     {
@@ -194,6 +210,7 @@ async fn verify_inner(
                 // code, and counted as one.
                 outcome = Outcome::Invalid;
                 events = fail_instead(node, &code, &events);
+                in_flight.ids.extend(events.iter().map(|(id, _)| *id));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "strict mode: no control plane confirmed a backup code");
@@ -212,10 +229,12 @@ async fn verify_inner(
         // cannot. A failure only counts towards throttling: it joins the next
         // group commit without holding the answer (a crash in between forgets
         // at most a few milliseconds of failures).
-        let recorded = if matches!(outcome, Outcome::Valid { .. }) {
-            node.outbox.record(events).await
-        } else {
-            node.outbox.enqueue(events)
+        let submitted = node.outbox.submit(events);
+        drop(in_flight);
+        let recorded = match submitted {
+            Ok(committed) if matches!(outcome, Outcome::Valid { .. }) => committed.await,
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
         };
         if let Err(e) = recorded {
             tracing::error!(error = %e, "cannot record usage; refusing the attempt");
@@ -268,6 +287,19 @@ async fn verify_inner(
             .into_response(),
         ),
     })
+}
+
+/// Event ids handed out for one attempt, released when dropped: after the
+/// events are submitted to the outbox, or on any early return.
+struct InFlight<'a> {
+    node: &'a Node,
+    ids: Vec<u64>,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.node.release_events(self.ids.drain(..));
+    }
 }
 
 /// The backup-code use among an attempt's events, if any.

@@ -21,7 +21,6 @@ pub const DEFAULT_MAX_LINE: usize = 1024 * 1024;
 pub const DEFAULT_STRICT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Everything a data plane needs to run, apart from where it listens.
-#[derive(Debug)]
 pub struct Config {
     /// Where `replica.db` and `local.db` live.
     pub data_dir: PathBuf,
@@ -67,5 +66,26 @@ impl Config {
             strict_backup_codes: false,
             strict_timeout: DEFAULT_STRICT_TIMEOUT,
         }
+    }
+}
+
+impl std::fmt::Debug for Config {
+    /// Everything but the node token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("data_dir", &self.data_dir)
+            .field("control_urls", &self.control_urls)
+            .field("node_token", &"<redacted>")
+            .field("keyring", &self.keyring)
+            .field("skew", &self.skew)
+            .field("throttle", &self.throttle)
+            .field("heartbeat_timeout", &self.heartbeat_timeout)
+            .field("backoff_base", &self.backoff_base)
+            .field("backoff_max", &self.backoff_max)
+            .field("body_limit", &self.body_limit)
+            .field("max_line", &self.max_line)
+            .field("strict_backup_codes", &self.strict_backup_codes)
+            .field("strict_timeout", &self.strict_timeout)
+            .finish()
     }
 }

@@ -382,6 +382,19 @@ impl User {
         self.backup = Some(Box::new(set));
     }
 
+    /// Mark the codes `old` used here as used in this user's set, if it is the
+    /// same set. A replaced or deleted set is never brought back.
+    fn adopt_used_codes(&mut self, old: &BackupSet) {
+        if let Some(set) = self.backup.as_deref_mut()
+            && set.set_id == old.set_id
+            && set.used.len() == old.used.len()
+        {
+            for (used, was) in set.used.iter_mut().zip(old.used.iter()) {
+                *used |= *was;
+            }
+        }
+    }
+
     fn set_feed_throttle(&mut self, throttle: Throttle) {
         if throttle == Throttle::default() && self.throttle.is_none() {
             return;
@@ -838,7 +851,7 @@ impl Index {
                         }
                     }
                     if let Some(old_set) = old_user.backup() {
-                        user.merge_backup(old_set.clone());
+                        user.adopt_used_codes(old_set);
                     }
                     if let Some(old_throttle) = old_user.throttle.as_deref()
                         && !old_throttle.pending.is_empty()
@@ -1034,6 +1047,56 @@ mod tests {
         assert_eq!(user.throttle(3, &policy).failures, 0);
         user.forget_event(6);
         assert_eq!(user.throttle(3, &policy).failures, 7);
+    }
+
+    fn backup_op(set_id: &str, used: &[bool]) -> Prepared {
+        Prepared::PutBackup {
+            tenant: "tn_a".into(),
+            user: "alice".into(),
+            set: BackupSet {
+                set_id: set_id.into(),
+                hashes: vec![[0u8; 32]; used.len()].into_boxed_slice(),
+                used: used.into(),
+            },
+        }
+    }
+
+    #[test]
+    fn a_bootstrap_never_brings_back_a_replaced_backup_set() {
+        let old = Index::default();
+        old.apply(vec![
+            prepare(&totp("fa_1", None)).unwrap(),
+            backup_op("set_old", &[true, false]),
+        ]);
+        let fresh = Index::default();
+        fresh.apply(vec![
+            prepare(&totp("fa_1", None)).unwrap(),
+            backup_op("set_new", &[false, false]),
+        ]);
+        fresh.adopt_local_state(&old);
+        let set = fresh.with_user("tn_a", "alice", |u| {
+            u.backup().map(|b| (b.set_id.to_string(), b.used.to_vec()))
+        });
+        assert_eq!(set, Some(Some(("set_new".to_owned(), vec![false, false]))));
+
+        // A user whose set was deleted gets none back.
+        let without = Index::default();
+        without.apply(vec![prepare(&totp("fa_1", None)).unwrap()]);
+        without.adopt_local_state(&old);
+        assert_eq!(
+            without.with_user("tn_a", "alice", |u| u.backup().is_some()),
+            Some(false)
+        );
+
+        // The same set keeps the codes used here.
+        let same = Index::default();
+        same.apply(vec![
+            prepare(&totp("fa_1", None)).unwrap(),
+            backup_op("set_old", &[false, false]),
+        ]);
+        same.adopt_local_state(&old);
+        let used = same.with_user("tn_a", "alice", |u| u.backup().map(|b| b.used.to_vec()));
+        assert_eq!(used, Some(Some(vec![true, false])));
     }
 
     #[test]

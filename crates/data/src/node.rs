@@ -1,6 +1,7 @@
 //! The state one data-plane node shares between its request handlers, its sync
 //! loop and its usage reporter.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -17,6 +18,15 @@ use crate::verify::Verifier;
 
 /// How long a connection to a control plane may take to open.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Usage-event ids: the next one, and those handed out but not yet passed to
+/// the outbox. Attempts number their events under their shard lock but reach the
+/// outbox later, so ids can arrive there out of order.
+#[derive(Debug)]
+struct EventIds {
+    next: u64,
+    in_flight: BTreeSet<u64>,
+}
 
 /// Where the node's replica stands, for readiness, metrics and reports.
 #[derive(Debug, Default)]
@@ -39,7 +49,7 @@ pub struct Node {
     pub verifier: Verifier,
     pub outbox: Outbox,
     pub node_id: String,
-    next_event_id: AtomicU64,
+    event_ids: Mutex<EventIds>,
     /// Acknowledged reports not yet covered by the replica: (through id, seq).
     acks: Mutex<Vec<(u64, u64)>>,
     /// This node's events with ids up to this are reflected in the replica.
@@ -102,7 +112,10 @@ impl Node {
             verifier,
             outbox,
             node_id,
-            next_event_id: AtomicU64::new(next_id),
+            event_ids: Mutex::new(EventIds {
+                next: next_id,
+                in_flight: BTreeSet::new(),
+            }),
             acks: Mutex::new(acks),
             covered_through: AtomicU64::new(covered),
             sync: SyncStatus::default(),
@@ -130,8 +143,30 @@ impl Node {
         *slot = Arc::new(fresh);
     }
 
+    /// A new usage-event id, in flight until [`Node::release_events`]: handed out
+    /// but not yet passed to the outbox.
     pub fn next_event_id(&self) -> u64 {
-        self.next_event_id.fetch_add(1, Ordering::SeqCst)
+        let mut ids = self.event_ids.lock().unwrap_or_else(|p| p.into_inner());
+        let id = ids.next;
+        ids.next += 1;
+        ids.in_flight.insert(id);
+        id
+    }
+
+    /// These ids have been passed to the outbox (or will never be).
+    pub fn release_events(&self, ids: impl IntoIterator<Item = u64>) {
+        let mut in_flight = self.event_ids.lock().unwrap_or_else(|p| p.into_inner());
+        for id in ids {
+            in_flight.in_flight.remove(&id);
+        }
+    }
+
+    /// Every event with an id below this has been passed to the outbox, so the
+    /// reporter may send them: the control plane merges a node's events in id
+    /// order and skips any id at or below one it has merged.
+    pub fn reportable_below(&self) -> u64 {
+        let ids = self.event_ids.lock().unwrap_or_else(|p| p.into_inner());
+        ids.in_flight.first().copied().unwrap_or(ids.next)
     }
 
     pub fn covered_through(&self) -> u64 {
@@ -220,5 +255,45 @@ fn replay_local(index: &Index, stored: &[Stored], covered: u64) {
             }
             UsageEvent::Failure { .. } | UsageEvent::Success { .. } => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use twofold_core::seal::{Keyring, MasterKey};
+
+    use super::*;
+
+    fn node(dir: &std::path::Path) -> Arc<Node> {
+        let config = Config::new(
+            dir.to_owned(),
+            vec!["http://127.0.0.1:9".into()],
+            "tfk_test".into(),
+            Keyring::new(MasterKey::generate().unwrap()),
+        );
+        let opened = crate::outbox::Outbox::open(dir).unwrap();
+        Node::new(
+            config,
+            Index::default(),
+            0,
+            opened,
+            CancellationToken::new(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn events_are_reportable_only_below_the_oldest_id_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = node(dir.path());
+        assert_eq!(node.reportable_below(), 1);
+        let a = node.next_event_id();
+        let b = node.next_event_id();
+        assert_eq!((a, b), (1, 2));
+        // b reaches the outbox first: nothing may be reported while a is out.
+        node.release_events([b]);
+        assert_eq!(node.reportable_below(), a);
+        node.release_events([a]);
+        assert_eq!(node.reportable_below(), 3);
     }
 }

@@ -40,7 +40,7 @@ pub struct Stored {
 
 enum Command {
     Record(Vec<(u64, UsageEvent)>, oneshot::Sender<Result<()>>),
-    Unsent(usize, oneshot::Sender<Result<Vec<NumberedEvent>>>),
+    Unsent(usize, u64, oneshot::Sender<Result<Vec<NumberedEvent>>>),
     Ack { through: u64, seq: u64 },
     Prune { applied: u64 },
 }
@@ -155,27 +155,28 @@ impl Outbox {
 
     /// Store events durably (against a process crash) and return once committed.
     pub async fn record(&self, events: Vec<(u64, UsageEvent)>) -> Result<()> {
+        self.submit(events)?.await
+    }
+
+    /// Queue events for the next group commit. Returns at once; the returned
+    /// future resolves once they are committed, and may be dropped.
+    pub fn submit(
+        &self,
+        events: Vec<(u64, UsageEvent)>,
+    ) -> Result<impl Future<Output = Result<()>> + use<>> {
         let (reply, done) = oneshot::channel();
         self.tx
             .send(Command::Record(events, reply))
             .map_err(|_| OutboxError::Closed)?;
-        done.await.map_err(|_| OutboxError::Closed)?
+        Ok(async move { done.await.map_err(|_| OutboxError::Closed)? })
     }
 
-    /// Queue events for the next group commit without waiting for it.
-    pub fn enqueue(&self, events: Vec<(u64, UsageEvent)>) -> Result<()> {
-        // Nobody waits for the reply; the thread ignores a closed receiver.
-        let (reply, _) = oneshot::channel();
-        self.tx
-            .send(Command::Record(events, reply))
-            .map_err(|_| OutboxError::Closed)
-    }
-
-    /// Up to `limit` events not yet acknowledged, oldest first.
-    pub async fn unsent(&self, limit: usize) -> Result<Vec<NumberedEvent>> {
+    /// Up to `limit` events not yet acknowledged with ids below `below`, oldest
+    /// first.
+    pub async fn unsent(&self, limit: usize, below: u64) -> Result<Vec<NumberedEvent>> {
         let (reply, done) = oneshot::channel();
         self.tx
-            .send(Command::Unsent(limit, reply))
+            .send(Command::Unsent(limit, below, reply))
             .map_err(|_| OutboxError::Closed)?;
         done.await.map_err(|_| OutboxError::Closed)?
     }
@@ -260,8 +261,8 @@ fn insert<'a>(
 fn handle(conn: &Connection, cmd: Command, unacked: &AtomicU64) -> Result<()> {
     match cmd {
         Command::Record(..) => Ok(()),
-        Command::Unsent(limit, reply) => {
-            let result = unsent(conn, limit);
+        Command::Unsent(limit, below, reply) => {
+            let result = unsent(conn, limit, below);
             let _ = reply.send(result);
             Ok(())
         }
@@ -282,11 +283,12 @@ fn handle(conn: &Connection, cmd: Command, unacked: &AtomicU64) -> Result<()> {
     }
 }
 
-fn unsent(conn: &Connection, limit: usize) -> Result<Vec<NumberedEvent>> {
+fn unsent(conn: &Connection, limit: usize, below: u64) -> Result<Vec<NumberedEvent>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT id, body FROM outbox WHERE acked_seq IS NULL ORDER BY id LIMIT ?",
+        "SELECT id, body FROM outbox WHERE acked_seq IS NULL AND id < ? ORDER BY id LIMIT ?",
     )?;
-    let mut rows = stmt.query([limit as i64])?;
+    let below = i64::try_from(below).unwrap_or(i64::MAX);
+    let mut rows = stmt.query(params![below, limit as i64])?;
     let mut events = Vec::new();
     while let Some(row) = rows.next()? {
         let id: i64 = row.get(0)?;
@@ -326,7 +328,7 @@ mod tests {
         opened.outbox.record(vec![(3, failure(12))]).await.unwrap();
         assert_eq!(opened.outbox.unacked(), 3, "counted once recorded");
         opened.outbox.ack(2, 50);
-        assert_eq!(opened.outbox.unsent(10).await.unwrap().len(), 1);
+        assert_eq!(opened.outbox.unsent(10, u64::MAX).await.unwrap().len(), 1);
         assert_eq!(opened.outbox.unacked(), 1);
         drop(opened);
 
@@ -339,7 +341,7 @@ mod tests {
         assert_eq!(opened.outbox.unacked(), 1);
         opened.outbox.prune(49);
         opened.outbox.prune(50);
-        assert_eq!(opened.outbox.unsent(10).await.unwrap()[0].id, 3);
+        assert_eq!(opened.outbox.unsent(10, u64::MAX).await.unwrap()[0].id, 3);
         drop(opened);
 
         let opened = Outbox::open(dir.path()).unwrap();

@@ -99,11 +99,14 @@ pub async fn run(node: Arc<Node>) {
     let mut backoff = Backoff::new(node.config.backoff_base, node.config.backoff_max);
     let mut url_index = 0usize;
     loop {
-        let events = match node.outbox.unsent(BATCH).await {
+        let events = match node.outbox.unsent(BATCH, node.reportable_below()).await {
             Ok(events) => events,
             Err(e) => {
-                tracing::error!(error = %e, "cannot read the outbox");
-                return;
+                tracing::error!(error = %e, "cannot read the outbox; will retry");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff.next_delay()) => continue,
+                    () = node.shutdown.cancelled() => return,
+                }
             }
         };
         if events.is_empty() {

@@ -191,8 +191,16 @@ pub async fn run(node: Arc<Node>, replica: Replica) {
             }
         }
         if replica.is_none() {
-            tracing::error!("replica lost after a failed swap; sync is off");
-            return;
+            // A swap or a replica task failed half-way: whatever file is in
+            // place (old or new, both complete) is opened again.
+            match Replica::open(&node.config.data_dir) {
+                Ok(reopened) => {
+                    tracing::warn!("replica reopened after a failed swap; bootstrapping again");
+                    replica = Some(reopened);
+                    must_bootstrap = true;
+                }
+                Err(e) => tracing::error!(error = %e, "cannot reopen the replica; will retry"),
+            }
         }
         let delay = backoff.next_delay();
         tokio::select! {
@@ -404,16 +412,18 @@ async fn bootstrap(
         log_id: Some(log_id),
         applied: seq,
     };
+    // Finish the staging file first: if that fails, the live replica is
+    // untouched and the next attempt starts over.
+    let staged = tokio::task::spawn_blocking(move || stage.finish(&position))
+        .await
+        .map_err(|e| SyncError::Worker(e.to_string()))??;
     let old = replica
         .take()
         .ok_or_else(|| SyncError::Worker("replica missing".into()))?;
-    let swapped = tokio::task::spawn_blocking(move || {
-        let staged = stage.finish(&position)?;
-        old.swap_in(staged)
-    })
-    .await
-    .map_err(|e| SyncError::Worker(e.to_string()))??;
-    *replica = Some(swapped);
+    let swapped = tokio::task::spawn_blocking(move || old.swap_in(staged))
+        .await
+        .map_err(|e| SyncError::Worker(e.to_string()))?;
+    *replica = Some(swapped?);
     node.swap_index(fresh);
     // Not `fetch_max`: the snapshot may come from a shorter log (a replaced or
     // restored database), and the old log's head would show as lag forever.

@@ -164,7 +164,11 @@ pub async fn changes(
     }
     let conn = state.blocking(|s| Ok(s.store.reader()?)).await?;
     let (tx, rx) = mpsc::channel::<Bytes>(8);
-    tokio::spawn(stream_changes(state.clone(), conn, after, tx));
+    let key = match &caller {
+        Caller::Operator => None,
+        Caller::Key(key) => Some(key.id.clone()),
+    };
+    tokio::spawn(stream_changes(state.clone(), conn, after, key, tx));
     Ok(ndjson(&state, rx))
 }
 
@@ -174,6 +178,7 @@ async fn stream_changes(
     state: AppState,
     mut conn: rusqlite::Connection,
     mut cursor: u64,
+    key: Option<String>,
     tx: mpsc::Sender<Bytes>,
 ) {
     let mut head = state.store.subscribe();
@@ -189,7 +194,22 @@ async fn stream_changes(
     if tx.send(buf.split().freeze()).await.is_err() {
         return;
     }
+    let mut checked = tokio::time::Instant::now();
     loop {
+        // A node key revoked while its stream is open loses the stream within a
+        // heartbeat interval, not only at its next connection.
+        if let Some(id) = key.clone()
+            && checked.elapsed() >= heartbeat
+        {
+            checked = tokio::time::Instant::now();
+            let active = state
+                .blocking(move |s| Ok(s.store.key_is_active(&id)?))
+                .await;
+            if !matches!(active, Ok(true)) {
+                tracing::info!("closing a change stream whose key was revoked");
+                return;
+            }
+        }
         let read = tokio::task::spawn_blocking(move || {
             let changes = Store::changes_after(&conn, cursor, BATCH);
             (conn, changes)

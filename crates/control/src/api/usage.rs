@@ -19,6 +19,14 @@ pub const MAX_EVENTS: usize = 1000;
 /// carries many events.
 pub const BODY_LIMIT: usize = 1024 * 1024;
 
+/// Who reports, as cursors and audit records name it.
+fn caller_name(caller: &Caller) -> String {
+    match caller {
+        Caller::Operator => "operator".to_owned(),
+        Caller::Key(key) => key.id.clone(),
+    }
+}
+
 fn check(report: &UsageReport) -> Result<(), ApiError> {
     let bad = |message: &str| Err(ApiError::bad_request("invalid_report", message.to_owned()));
     if report.node.is_empty() || report.node.len() > 64 {
@@ -28,6 +36,9 @@ fn check(report: &UsageReport) -> Result<(), ApiError> {
         return bad("too many events in one report");
     }
     for numbered in &report.events {
+        if i64::try_from(numbered.id).is_err() {
+            return bad("event ids must be below 2^63");
+        }
         let (tenant, user) = match &numbered.event {
             UsageEvent::TotpAccepted { tenant, user, .. }
             | UsageEvent::BackupCodeUsed { tenant, user, .. }
@@ -63,11 +74,14 @@ pub async fn report(
 ) -> Result<Json<UsageAck>, ApiError> {
     caller.require_replicate()?;
     check(&report)?;
+    // The cursor belongs to the reporting key as well as the node id it gives,
+    // so one key cannot move another's cursor past events it has not sent.
+    let cursor = format!("{}/{}", caller_name(&caller), report.node);
     let now = state.clock.now_ms();
     let ack = state
         .blocking(move |s| {
             Ok(s.store
-                .apply_usage(now, &report.node, &report.events, &s.config.throttle)?)
+                .apply_usage(now, &cursor, &report.events, &s.config.throttle)?)
         })
         .await?;
     Ok(Json(ack))
@@ -102,10 +116,7 @@ pub async fn use_backup_code(
             "invalid tenant or user",
         ));
     }
-    let node = match &caller {
-        Caller::Operator => "operator".to_owned(),
-        Caller::Key(key) => key.id.clone(),
-    };
+    let node = caller_name(&caller);
     let now = state.clock.now_ms();
     let ack = state
         .blocking(move |s| Ok(s.store.use_backup_code(now, &node, &code)?))

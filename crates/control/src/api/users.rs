@@ -48,6 +48,18 @@ fn target(state: &AppState, caller: &Caller, user: String) -> Result<Target, Api
     })
 }
 
+/// Long issuer and account names can make a URI too long for a QR code: that is
+/// the caller's input, not a server fault.
+fn qr_error(e: qr::QrError) -> ApiError {
+    match e {
+        qr::QrError::TooLong => ApiError::bad_request(
+            "invalid_parameter",
+            "issuer and account are too long to fit in a QR code; shorten them or ask for qr: none",
+        ),
+        other => ApiError::internal(other),
+    }
+}
+
 /// Wrong codes a pending factor takes before it is dropped: enough for a
 /// mistyped code or a clock a step off, far too few to guess a 6-digit code.
 const MAX_ACTIVATION_FAILURES: u32 = 5;
@@ -205,10 +217,10 @@ pub async fn enroll(
         .map_err(ApiError::internal)?;
     let uri_text = uri.to_uri();
     let (qr_svg, qr_png) = match qr_format {
-        "svg" => (Some(qr::svg(&uri_text).map_err(ApiError::internal)?), None),
+        "svg" => (Some(qr::svg(&uri_text).map_err(qr_error)?), None),
         "png" => (
             None,
-            Some(BASE64.encode(&qr::png(&uri_text).map_err(ApiError::internal)?)),
+            Some(BASE64.encode(&qr::png(&uri_text).map_err(qr_error)?)),
         ),
         _ => (None, None),
     };
@@ -254,12 +266,19 @@ pub async fn enroll(
     ))
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Activate {
     /// The current code from the authenticator app.
     #[schema(example = "123456")]
     code: String,
+}
+
+impl std::fmt::Debug for Activate {
+    /// The code never appears in debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Activate { code: <redacted> }")
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -434,6 +434,19 @@ impl Store {
         })
     }
 
+    /// Does a key with this id exist, unrevoked?
+    pub fn key_is_active(&self, id: &str) -> Result<bool> {
+        let conn = self.lock();
+        let found = conn
+            .query_row(
+                "SELECT 1 FROM api_keys WHERE id = ? AND revoked_ms IS NULL",
+                [id],
+                |_| Ok(()),
+            )
+            .optional()?;
+        Ok(found.is_some())
+    }
+
     /// The unrevoked key with this hash, if any.
     pub fn key_by_hash(&self, hash: &[u8]) -> Result<Option<KeyRow>> {
         let conn = self.lock();
