@@ -659,10 +659,32 @@ fn key_hash(hasher: &RandomState, tenant: u32, user: &str) -> u64 {
     h.finish()
 }
 
+/// API keys that may verify, by hash, with the hash of each key id so a key is
+/// replaced or deleted without scanning them all.
+#[derive(Debug, Default)]
+struct Keys {
+    by_hash: HashMap<[u8; 32], ApiKey>,
+    hash_of: HashMap<Box<str>, [u8; 32]>,
+}
+
+impl Keys {
+    fn remove(&mut self, id: &str) {
+        if let Some(hash) = self.hash_of.remove(id) {
+            self.by_hash.remove(&hash);
+        }
+    }
+
+    fn put(&mut self, hash: [u8; 32], key: ApiKey) {
+        self.remove(&key.id);
+        self.hash_of.insert(key.id.clone(), hash);
+        self.by_hash.insert(hash, key);
+    }
+}
+
 /// The index.
 #[derive(Debug)]
 pub struct Index {
-    keys: RwLock<HashMap<[u8; 32], ApiKey>>,
+    keys: RwLock<Keys>,
     /// Tenant ids, interned: a user slot keeps the number, not the string.
     tenants: RwLock<HashMap<Box<str>, u32>>,
     hasher: RandomState,
@@ -699,7 +721,7 @@ fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
 impl Index {
     /// The key with this hash, if it may verify.
     pub fn key(&self, hash: &[u8; 32]) -> Option<ApiKey> {
-        read(&self.keys).get(hash).cloned()
+        read(&self.keys).by_hash.get(hash).cloned()
     }
 
     fn tenant_number(&self, tenant: &str) -> Option<u32> {
@@ -782,11 +804,9 @@ impl Index {
             match op {
                 Prepared::Tenant => {}
                 Prepared::PutKey { hash, key } => {
-                    let mut keys = write(&self.keys);
-                    keys.retain(|_, k| k.id != key.id);
-                    keys.insert(hash, key);
+                    write(&self.keys).put(hash, key);
                 }
-                Prepared::DeleteKey { id } => write(&self.keys).retain(|_, k| k.id != id),
+                Prepared::DeleteKey { id } => write(&self.keys).remove(&id),
                 Prepared::PutTotp {
                     tenant,
                     user,
@@ -1097,6 +1117,38 @@ mod tests {
         same.adopt_local_state(&old);
         let used = same.with_user("tn_a", "alice", |u| u.backup().map(|b| b.used.to_vec()));
         assert_eq!(used, Some(Some(vec![true, false])));
+    }
+
+    #[test]
+    fn keys_are_replaced_and_deleted_by_id() {
+        let index = Index::default();
+        let key = |id: &str| ApiKey {
+            id: id.into(),
+            tenant: "tn_a".into(),
+        };
+        index.apply(vec![
+            Prepared::PutKey {
+                hash: [1; 32],
+                key: key("key_a"),
+            },
+            Prepared::PutKey {
+                hash: [2; 32],
+                key: key("key_b"),
+            },
+            Prepared::PutKey {
+                hash: [3; 32],
+                key: key("key_a"),
+            },
+        ]);
+        assert_eq!(
+            index.key(&[1; 32]),
+            None,
+            "the old hash of a replaced key is gone"
+        );
+        assert_eq!(index.key(&[3; 32]), Some(key("key_a")));
+        index.apply(vec![Prepared::DeleteKey { id: "key_a".into() }]);
+        assert_eq!(index.key(&[3; 32]), None);
+        assert_eq!(index.key(&[2; 32]), Some(key("key_b")));
     }
 
     #[test]
