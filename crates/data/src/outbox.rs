@@ -153,11 +153,6 @@ impl Outbox {
         })
     }
 
-    /// Store events durably (against a process crash) and return once committed.
-    pub async fn record(&self, events: Vec<(u64, UsageEvent)>) -> Result<()> {
-        self.submit(events)?.await
-    }
-
     /// Queue events for the next group commit. Returns at once; the returned
     /// future resolves once they are committed, and may be dropped.
     pub fn submit(
@@ -182,7 +177,7 @@ impl Outbox {
     }
 
     /// How many stored events the control plane has not acknowledged yet. An
-    /// event counts from before `record` returns until its `ack` is processed.
+    /// event counts from its commit until its `ack` is processed.
     pub fn unacked(&self) -> u64 {
         self.unacked.load(Ordering::SeqCst)
     }
@@ -322,10 +317,16 @@ mod tests {
         let node = opened.node_id.clone();
         opened
             .outbox
-            .record(vec![(1, failure(10)), (2, failure(11))])
+            .submit(vec![(1, failure(10)), (2, failure(11))])
+            .unwrap()
             .await
             .unwrap();
-        opened.outbox.record(vec![(3, failure(12))]).await.unwrap();
+        opened
+            .outbox
+            .submit(vec![(3, failure(12))])
+            .unwrap()
+            .await
+            .unwrap();
         assert_eq!(opened.outbox.unacked(), 3, "counted once recorded");
         opened.outbox.ack(2, 50);
         assert_eq!(opened.outbox.unsent(10, u64::MAX).await.unwrap().len(), 1);

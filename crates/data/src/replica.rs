@@ -202,11 +202,6 @@ impl Replica {
         Ok(())
     }
 
-    /// The digest of the stored entities, with the seq it is as of.
-    pub fn digest(&self) -> Result<(u64, StateDigest)> {
-        digest_in(&self.conn)
-    }
-
     /// Replace this replica with a completed staging file.
     pub fn swap_in(self, staged: Staged) -> Result<Replica> {
         let Replica { dir, conn, .. } = self;
@@ -367,7 +362,7 @@ mod tests {
         assert_eq!(replica.position().applied, 3);
         let mut expected = StateDigest::default();
         expected.add(&tenant("tn_b"));
-        assert_eq!(replica.digest().unwrap(), (3, expected));
+        assert_eq!(digest_of(dir.path()).unwrap(), (3, expected));
     }
 
     #[test]
@@ -400,7 +395,7 @@ mod tests {
         );
         let mut expected = StateDigest::default();
         expected.add(&tenant("tn_new"));
-        assert_eq!(replica.digest().unwrap().1, expected);
+        assert_eq!(digest_of(dir.path()).unwrap().1, expected);
         assert!(!dir.path().join(STAGING).exists());
     }
 
@@ -422,7 +417,7 @@ mod tests {
         drop(replica);
         let replica = Replica::open(dir.path()).unwrap();
         assert_eq!(replica.position().applied, 1);
-        assert_eq!(replica.digest().unwrap().1.count(), 1);
+        assert_eq!(digest_of(dir.path()).unwrap().1.count(), 1);
         assert!(!dir.path().join(STAGING).exists());
     }
 }

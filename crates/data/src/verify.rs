@@ -92,10 +92,6 @@ impl Verifier {
         })
     }
 
-    pub fn keyring(&self) -> &Keyring {
-        &self.keyring
-    }
-
     /// Attempt to verify for a known user, whose lock the caller holds. Returns the
     /// outcome and the usage events to record; `next_id` numbers them.
     pub fn attempt(

@@ -140,6 +140,23 @@ struct AuditEntry<'a> {
     target: Option<&'a str>,
 }
 
+impl<'a> AuditEntry<'a> {
+    /// A change to one user of a tenant.
+    fn on_user(
+        action: &'static str,
+        tenant: &'a str,
+        user: &'a str,
+        target: Option<&'a str>,
+    ) -> AuditEntry<'a> {
+        AuditEntry {
+            action,
+            tenant: Some(tenant),
+            user: Some(user),
+            target,
+        }
+    }
+}
+
 /// A write transaction in progress: the ops it publishes and what it audits.
 struct Write<'c> {
     tx: Transaction<'c>,
@@ -472,12 +489,7 @@ impl Store {
         row: &FactorRow,
         max_factors: usize,
     ) -> Result<()> {
-        let audit = AuditEntry {
-            action: "totp.enroll",
-            tenant: Some(&row.tenant),
-            user: Some(&row.user),
-            target: Some(&row.id),
-        };
+        let audit = AuditEntry::on_user("totp.enroll", &row.tenant, &row.user, Some(&row.id));
         self.write(now_ms, actor, audit, |w| {
             w.tx.execute(
                 "DELETE FROM totp_factors WHERE tenant = ? AND user = ? AND status = 'pending' AND expires_ms <= ?",
@@ -502,8 +514,6 @@ impl Store {
         entities::factor(&conn, tenant, user, id)?.ok_or(StoreError::NotFound("factor"))
     }
 
-    /// Activate a pending factor whose code verified at `step`. Fails with
-    /// `NotFound` if the factor is gone or expired, `Conflict` if already active.
     /// Count a wrong activation code for a pending factor; at `limit` wrong codes
     /// the factor is dropped. Returns whether it was dropped.
     pub fn fail_activation(
@@ -515,12 +525,7 @@ impl Store {
         id: &str,
         limit: u32,
     ) -> Result<bool> {
-        let audit = AuditEntry {
-            action: "totp.activation_failed",
-            tenant: Some(tenant),
-            user: Some(user),
-            target: Some(id),
-        };
+        let audit = AuditEntry::on_user("totp.activation_failed", tenant, user, Some(id));
         self.write(now_ms, actor, audit, |w| {
             let failures: Option<u32> =
                 w.tx.query_row(
@@ -539,6 +544,8 @@ impl Store {
         })
     }
 
+    /// Activate a pending factor whose code verified at `step`. Fails with
+    /// `NotFound` if the factor is gone or expired, `Conflict` if already active.
     pub fn activate_totp(
         &self,
         now_ms: i64,
@@ -548,12 +555,7 @@ impl Store {
         id: &str,
         step: u64,
     ) -> Result<FactorRow> {
-        let audit = AuditEntry {
-            action: "totp.activate",
-            tenant: Some(tenant),
-            user: Some(user),
-            target: Some(id),
-        };
+        let audit = AuditEntry::on_user("totp.activate", tenant, user, Some(id));
         self.write(now_ms, actor, audit, |w| {
             let mut row = entities::factor(&w.tx, tenant, user, id)?.ok_or(StoreError::NotFound("factor"))?;
             match row.status {
@@ -599,12 +601,7 @@ impl Store {
         user: &str,
         id: &str,
     ) -> Result<()> {
-        let audit = AuditEntry {
-            action: "totp.delete",
-            tenant: Some(tenant),
-            user: Some(user),
-            target: Some(id),
-        };
+        let audit = AuditEntry::on_user("totp.delete", tenant, user, Some(id));
         self.write(now_ms, actor, audit, |w| {
             let row =
                 entities::factor(&w.tx, tenant, user, id)?.ok_or(StoreError::NotFound("factor"))?;
@@ -624,12 +621,7 @@ impl Store {
 
     /// Erase everything of a user: factors, backup codes, runtime state.
     pub fn delete_user(&self, now_ms: i64, actor: &Actor, tenant: &str, user: &str) -> Result<()> {
-        let audit = AuditEntry {
-            action: "user.delete",
-            tenant: Some(tenant),
-            user: Some(user),
-            target: None,
-        };
+        let audit = AuditEntry::on_user("user.delete", tenant, user, None);
         self.write(now_ms, actor, audit, |w| {
             let factors = entities::factors_of(&w.tx, tenant, user)?;
             let mut found = !factors.is_empty();
@@ -692,12 +684,7 @@ impl Store {
         set_id: &str,
         hashes: Vec<[u8; 32]>,
     ) -> Result<()> {
-        let audit = AuditEntry {
-            action: "backup_codes.generate",
-            tenant: Some(tenant),
-            user: Some(user),
-            target: Some(set_id),
-        };
+        let audit = AuditEntry::on_user("backup_codes.generate", tenant, user, Some(set_id));
         self.write(now_ms, actor, audit, |w| {
             let codes: Vec<BackupCodeEntry> = hashes
                 .into_iter()
@@ -740,12 +727,7 @@ impl Store {
     /// Clear a user's failures, throttle and lock. Fails with `NotFound` for a
     /// user Twofold does not know.
     pub fn unlock_user(&self, now_ms: i64, actor: &Actor, tenant: &str, user: &str) -> Result<()> {
-        let audit = AuditEntry {
-            action: "user.unlock",
-            tenant: Some(tenant),
-            user: Some(user),
-            target: None,
-        };
+        let audit = AuditEntry::on_user("user.unlock", tenant, user, None);
         self.write(now_ms, actor, audit, |w| {
             if !entities::user_exists(&w.tx, tenant, user)? {
                 return Err(StoreError::NotFound("user"));
