@@ -112,11 +112,14 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict(code) => {
                 ApiError::new(StatusCode::CONFLICT, code, conflict_message(code))
             }
-            StoreError::Db(ref db) if is_busy(db) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "database_unavailable",
-                "the database is busy or unavailable; retry later",
-            ),
+            ref unavailable if unavailable.is_unavailable() => {
+                tracing::warn!(error = %unavailable, "database unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "database_unavailable",
+                    "the database is busy or unavailable; retry later",
+                )
+            }
             other => ApiError::internal(other),
         }
     }
@@ -128,13 +131,6 @@ fn conflict_message(code: &str) -> &'static str {
         "factor_already_active" => "the factor is already active",
         _ => "the request conflicts with the current state",
     }
-}
-
-fn is_busy(e: &rusqlite::Error) -> bool {
-    matches!(
-        e.sqlite_error_code(),
-        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
-    )
 }
 
 impl From<JsonRejection> for ApiError {

@@ -25,10 +25,12 @@ pub fn ensure_operator_token(state: &AppState) -> Result<Option<Zeroizing<String
         return Ok(None);
     }
     let token = random_token(OPERATOR_PREFIX).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    state
+    // Replicas starting together on one new database each generate a token; the
+    // first one stored wins, and only its replica shows it.
+    let kept = state
         .store
-        .set_operator_token_hash(&hash_key.hash(OPERATOR_DOMAIN, token.as_bytes()))?;
-    Ok(Some(token))
+        .init_operator_token_hash(&hash_key.hash(OPERATOR_DOMAIN, token.as_bytes()))?;
+    Ok(kept.then_some(token))
 }
 
 /// Drop changes beyond the retention limits, at start and then every

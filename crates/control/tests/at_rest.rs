@@ -174,7 +174,7 @@ async fn secrets_never_reach_the_disk_or_the_log() {
     );
     let mut found = files("live");
     // Move the WAL into the main file and look again.
-    let conn = s.state.store.reader().expect("reader");
+    let conn = rusqlite::Connection::open(s.db_path()).expect("reader");
     conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
         .expect("checkpoint");
     drop(conn);

@@ -13,6 +13,8 @@ use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use twofold_control::store::Database;
+
 use crate::settings::{CommonArgs, ControlArgs, DataArgs, File, LogFormat, ThrottleArgs};
 
 /// Twofold: multi-factor authentication (TOTP and backup codes) that keeps
@@ -46,7 +48,10 @@ enum Command {
         throttle: ThrottleArgs,
     },
     /// Run the control plane: tenants, keys, factors, audit log and the feed.
+    #[command(args_conflicts_with_subcommands = true)]
     Control {
+        #[command(subcommand)]
+        action: Option<ControlAction>,
         #[command(flatten)]
         common: CommonArgs,
         #[command(flatten)]
@@ -61,6 +66,45 @@ enum Command {
         #[command(flatten)]
         data: DataArgs,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ControlAction {
+    /// Copy a SQLite installation into PostgreSQL: every tenant, key, factor,
+    /// backup code, audit record and change, with the same seqs and log id, so
+    /// data planes carry on from where they stood.
+    Migrate {
+        /// The SQLite database to copy, as `sqlite:PATH` or a path (for example
+        /// sqlite:./twofold-data/control.db). Stop its control plane first.
+        #[arg(long)]
+        from: String,
+        /// The PostgreSQL database to fill, as `postgres://USER@HOST/DB`.
+        #[arg(long)]
+        to: String,
+        /// Replace what the target already holds instead of refusing.
+        #[arg(long)]
+        overwrite: bool,
+    },
+}
+
+/// `twofold control migrate`.
+fn migrate(from: &str, to: &str, overwrite: bool) -> anyhow::Result<()> {
+    let Database::Sqlite(path) = Database::parse(from) else {
+        anyhow::bail!("--from must be a SQLite database (sqlite:PATH)");
+    };
+    let Database::Postgres(url) = Database::parse(to) else {
+        anyhow::bail!("--to must be a PostgreSQL URL (postgres://...)");
+    };
+    let copied = twofold_control::store::migrate::sqlite_to_postgres(&path, &url, overwrite)?;
+    for (table, rows) in &copied.rows {
+        println!("{table}: {rows} rows");
+    }
+    println!(
+        "migrated {} to PostgreSQL at head seq {}; data planes resume from it",
+        path.display(),
+        copied.head
+    );
+    Ok(())
 }
 
 fn init_logging(format: LogFormat, default_level: &str) {
@@ -131,13 +175,15 @@ async fn run_control(
     let keyring = keyfile::load_keyring(&common.data_dir, common.master_key_file.as_deref())?;
     let shutdown = CancellationToken::new();
     let listen = control.listen;
-    let (state, token) = planes::control(
-        &common.data_dir,
-        keyring,
-        control,
-        throttle,
-        shutdown.clone(),
-    )?;
+    let (state, token) = tokio::task::block_in_place(|| {
+        planes::control(
+            &common.data_dir,
+            keyring,
+            control,
+            throttle,
+            shutdown.clone(),
+        )
+    })?;
     if let Some(token) = token {
         // Printed once, to the terminal, never to the log.
         println!(
@@ -197,6 +243,16 @@ async fn main() -> anyhow::Result<()> {
             .await
         }
         Command::Control {
+            action:
+                Some(ControlAction::Migrate {
+                    from,
+                    to,
+                    overwrite,
+                }),
+            ..
+        } => tokio::task::block_in_place(|| migrate(&from, &to, overwrite)),
+        Command::Control {
+            action: None,
             common,
             control,
             throttle,

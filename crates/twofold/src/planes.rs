@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use twofold_control::config::Config as ControlConfig;
 use twofold_control::server::ensure_operator_token;
 use twofold_control::state::{AppState, Clock};
-use twofold_control::store::Store;
+use twofold_control::store::{Database, Store};
 use twofold_core::seal::Keyring;
 use twofold_core::throttle::ThrottlePolicy;
 use twofold_data::config::Config as DataConfig;
@@ -19,8 +19,13 @@ use zeroize::Zeroizing;
 
 use crate::settings;
 
-/// The control plane's state in `data_dir`, and the operator token if one was
-/// just generated (to be shown once).
+/// Domain of the master key's fingerprint, which the control-plane database
+/// keeps to refuse a replica started with another key.
+const KEY_CHECK_DOMAIN: &str = "twofold/key-check/v1";
+
+/// The control plane's state (in `data_dir` unless a database is configured),
+/// and the operator token if one was just generated (to be shown once). Blocks
+/// on the database: call it off the async threads.
 pub fn control(
     data_dir: &Path,
     keyring: Keyring,
@@ -28,10 +33,24 @@ pub fn control(
     throttle: ThrottlePolicy,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(AppState, Option<Zeroizing<String>>)> {
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
-    let store = Store::open(&data_dir.join("control.db"))
-        .context("cannot open the control-plane database")?;
+    let database = match settings.database {
+        Some(database) => database,
+        None => {
+            std::fs::create_dir_all(data_dir)
+                .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+            Database::Sqlite(data_dir.join("control.db"))
+        }
+    };
+    let store = Store::connect(&database).context("cannot open the control-plane database")?;
+    // Replicas sharing one database must share the master key too: refuse to
+    // seal with another one.
+    let fingerprint = keyring.hash_key().hash(KEY_CHECK_DOMAIN, b"");
+    if !store.check_key(&fingerprint)? {
+        anyhow::bail!(
+            "the database was written with another master key; give this replica the same key \
+             (--master-key-file or TWOFOLD_MASTER_KEY)"
+        );
+    }
     let mut config = ControlConfig::new(keyring);
     config.operator_token = settings.operator_token;
     config.throttle = throttle;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use serde::Deserialize;
+use twofold_control::store::Database;
 use twofold_core::otp::Skew;
 use twofold_core::throttle::ThrottlePolicy;
 
@@ -56,6 +57,12 @@ pub struct ControlArgs {
     /// start, printed once, and only its hash is stored.
     #[arg(long, env = "TWOFOLD_OPERATOR_TOKEN", hide_env_values = true)]
     pub operator_token: Option<String>,
+
+    /// Where the control plane keeps its state: a PostgreSQL URL
+    /// (`postgres://USER@HOST/DB`), which several control-plane replicas may
+    /// share, or `sqlite:PATH` [default: sqlite:DATA_DIR/control.db].
+    #[arg(long, env = "TWOFOLD_DATABASE_URL", hide_env_values = true)]
+    pub database: Option<String>,
 
     /// Changes kept in the log, counted back from the head [default: 1000000].
     #[arg(long, env = "TWOFOLD_RETAIN_CHANGES")]
@@ -145,6 +152,7 @@ pub struct File {
 #[serde(deny_unknown_fields)]
 struct ControlFile {
     listen: Option<SocketAddr>,
+    database: Option<String>,
     operator_token: Option<String>,
     retain_changes: Option<u64>,
     retain_secs: Option<u64>,
@@ -236,6 +244,8 @@ pub fn up(
 #[derive(Debug)]
 pub struct Control {
     pub listen: SocketAddr,
+    /// `None`: SQLite in the data directory.
+    pub database: Option<Database>,
     pub operator_token: Option<String>,
     pub retain_changes: Option<u64>,
     pub retain_age: Option<Duration>,
@@ -262,6 +272,11 @@ pub fn control(args: &ControlArgs, file: &File) -> anyhow::Result<Control> {
             .or(file.control.listen)
             .unwrap_or_else(|| default_addr(DEFAULT_CONTROL_LISTEN)),
         operator_token,
+        database: args
+            .database
+            .as_deref()
+            .or(file.control.database.as_deref())
+            .map(Database::parse),
         retain_changes: args.retain_changes.or(file.control.retain_changes),
         retain_age: args
             .retain_secs

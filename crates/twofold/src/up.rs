@@ -279,17 +279,20 @@ pub async fn run(
     let control_settings = settings::Control {
         listen: control_listen,
         operator_token: operator_token.clone(),
+        database: None,
         retain_changes: None,
         retain_age: None,
         compact_every: None,
     };
-    let (state, generated) = planes::control(
-        data_dir,
-        keyring.clone(),
-        control_settings,
-        throttle,
-        shutdown.clone(),
-    )?;
+    let (state, generated) = tokio::task::block_in_place(|| {
+        planes::control(
+            data_dir,
+            keyring.clone(),
+            control_settings,
+            throttle,
+            shutdown.clone(),
+        )
+    })?;
     let control_listener = TcpListener::bind(control_listen)
         .await
         .with_context(|| format!("cannot listen on {control_listen}"))?;

@@ -20,7 +20,7 @@ use super::openapi::ErrorBody;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::store::{FeedPosition, Store};
+use crate::store::FeedPosition;
 
 /// Lines are gathered into chunks of about this size before they are sent.
 const CHUNK: usize = 64 * 1024;
@@ -162,13 +162,12 @@ pub async fn changes(
             "the changes after this seq are no longer in the log; take a snapshot",
         ));
     }
-    let conn = state.blocking(|s| Ok(s.store.reader()?)).await?;
     let (tx, rx) = mpsc::channel::<Bytes>(8);
     let key = match &caller {
         Caller::Operator => None,
         Caller::Key(key) => Some(key.id.clone()),
     };
-    tokio::spawn(stream_changes(state.clone(), conn, after, key, tx));
+    tokio::spawn(stream_changes(state.clone(), after, key, tx));
     Ok(ndjson(&state, rx))
 }
 
@@ -176,7 +175,6 @@ pub async fn changes(
 /// server shuts down.
 async fn stream_changes(
     state: AppState,
-    mut conn: rusqlite::Connection,
     mut cursor: u64,
     key: Option<String>,
     tx: mpsc::Sender<Bytes>,
@@ -210,18 +208,13 @@ async fn stream_changes(
                 return;
             }
         }
-        let read = tokio::task::spawn_blocking(move || {
-            let changes = Store::changes_after(&conn, cursor, BATCH);
-            (conn, changes)
-        })
-        .await;
+        let worker = state.clone();
+        let read =
+            tokio::task::spawn_blocking(move || worker.store.changes_after(cursor, BATCH)).await;
         let changes = match read {
-            Ok((back, Ok(changes))) => {
-                conn = back;
-                changes
-            }
-            Ok((_, Err(e))) => {
-                tracing::error!(error = %e, "reading the change log failed; closing the stream");
+            Ok(Ok(changes)) => changes,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "reading the change log failed; closing the stream");
                 return;
             }
             Err(e) => {

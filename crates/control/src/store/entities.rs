@@ -4,19 +4,19 @@
 //! mutation publishes it and when a snapshot streams it, so the two can never
 //! disagree.
 
-use rusqlite::{Connection, OptionalExtension, Row, params};
 use twofold_core::feed::{
     ApiKeyRecord, BackupCodeEntry, BackupCodesRecord, Entity, TenantRecord, TotpRecord,
     UserStateRecord,
 };
 use twofold_core::ids::Scope;
 
+use super::sql::{Conn, Row, args};
 use super::{FactorRow, FactorStatus, KeyRow, Result, StoreError, TenantRow, UserStateRow};
 
-pub(super) const FACTOR_COLUMNS: &str = "id, tenant, user, label, issuer, algorithm, digits, period, sealed, \
+pub(super) const FACTOR_COLUMNS: &str = "id, tenant, user_id, label, issuer, algorithm, digits, period, sealed, \
      status, created_ms, expires_ms, activated_ms, last_step";
 
-pub(super) fn tenant_row(r: &Row<'_>) -> rusqlite::Result<TenantRow> {
+pub(super) fn tenant_row(r: &Row<'_, '_>) -> Result<TenantRow> {
     Ok(TenantRow {
         id: r.get(0)?,
         name: r.get(1)?,
@@ -39,7 +39,7 @@ pub(super) fn scopes_text(scopes: &[Scope]) -> String {
         .join(",")
 }
 
-pub(super) fn key_row(r: &Row<'_>) -> rusqlite::Result<KeyRow> {
+pub(super) fn key_row(r: &Row<'_, '_>) -> Result<KeyRow> {
     let scopes: String = r.get(4)?;
     Ok(KeyRow {
         id: r.get(0)?,
@@ -66,9 +66,8 @@ pub(super) fn api_key(row: &KeyRow) -> Option<Entity> {
     }))
 }
 
-pub(super) fn factor_row(r: &Row<'_>) -> rusqlite::Result<FactorRow> {
+pub(super) fn factor_row(r: &Row<'_, '_>) -> Result<FactorRow> {
     let status: String = r.get(9)?;
-    let last_step: Option<i64> = r.get(13)?;
     Ok(FactorRow {
         id: r.get(0)?,
         tenant: r.get(1)?,
@@ -76,8 +75,8 @@ pub(super) fn factor_row(r: &Row<'_>) -> rusqlite::Result<FactorRow> {
         label: r.get(3)?,
         issuer: r.get(4)?,
         algorithm: r.get(5)?,
-        digits: r.get(6)?,
-        period: r.get(7)?,
+        digits: r.int(6)?,
+        period: r.int(7)?,
         sealed: r.get(8)?,
         status: if status == "active" {
             FactorStatus::Active
@@ -87,14 +86,14 @@ pub(super) fn factor_row(r: &Row<'_>) -> rusqlite::Result<FactorRow> {
         created_ms: r.get(10)?,
         expires_ms: r.get(11)?,
         activated_ms: r.get(12)?,
-        last_step: last_step.map(|s| s as u64),
+        last_step: r.opt_int(13)?,
     })
 }
 
-pub(super) fn insert_factor(conn: &Connection, row: &FactorRow) -> Result<()> {
+pub(super) fn insert_factor(conn: &mut Conn<'_, '_>, row: &FactorRow) -> Result<()> {
     conn.execute(
         &format!("INSERT INTO totp_factors ({FACTOR_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
-        params![
+        args![
             row.id,
             row.tenant,
             row.user,
@@ -118,29 +117,32 @@ pub(super) fn insert_factor(conn: &Connection, row: &FactorRow) -> Result<()> {
 }
 
 pub(super) fn factor(
-    conn: &Connection,
+    conn: &mut Conn<'_, '_>,
     tenant: &str,
     user: &str,
     id: &str,
 ) -> Result<Option<FactorRow>> {
-    conn.query_row(
+    conn.query_opt(
         &format!(
-            "SELECT {FACTOR_COLUMNS} FROM totp_factors WHERE id = ? AND tenant = ? AND user = ?"
+            "SELECT {FACTOR_COLUMNS} FROM totp_factors WHERE id = ? AND tenant = ? AND user_id = ?"
         ),
-        params![id, tenant, user],
+        args![id, tenant, user],
         factor_row,
     )
-    .optional()
-    .map_err(StoreError::from)
 }
 
-pub(super) fn factors_of(conn: &Connection, tenant: &str, user: &str) -> Result<Vec<FactorRow>> {
-    let mut stmt = conn.prepare(&format!(
-        "SELECT {FACTOR_COLUMNS} FROM totp_factors WHERE tenant = ? AND user = ? ORDER BY created_ms, id"
-    ))?;
-    let rows = stmt.query_map(params![tenant, user], factor_row)?;
-    rows.collect::<rusqlite::Result<_>>()
-        .map_err(StoreError::from)
+pub(super) fn factors_of(
+    conn: &mut Conn<'_, '_>,
+    tenant: &str,
+    user: &str,
+) -> Result<Vec<FactorRow>> {
+    conn.query(
+        &format!(
+            "SELECT {FACTOR_COLUMNS} FROM totp_factors WHERE tenant = ? AND user_id = ? ORDER BY created_ms, id"
+        ),
+        args![tenant, user],
+        factor_row,
+    )
 }
 
 pub(super) fn totp(row: &FactorRow) -> Entity {
@@ -160,30 +162,21 @@ pub(super) fn codes_text(codes: &[BackupCodeEntry]) -> Result<String> {
     serde_json::to_string(codes).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
-pub(super) fn parse_codes(text: &str) -> rusqlite::Result<Vec<BackupCodeEntry>> {
-    serde_json::from_str(text).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
-    })
+pub(super) fn parse_codes(text: &str) -> Result<Vec<BackupCodeEntry>> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("backup codes: {e}")))
 }
 
 /// The user's set id and codes, if they have a set.
 pub(super) fn backup_codes_of(
-    conn: &Connection,
+    conn: &mut Conn<'_, '_>,
     tenant: &str,
     user: &str,
 ) -> Result<Option<(String, Vec<BackupCodeEntry>)>> {
-    conn.query_row(
-        "SELECT set_id, codes FROM backup_codes WHERE tenant = ? AND user = ?",
-        params![tenant, user],
-        |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                parse_codes(&r.get::<_, String>(1)?)?,
-            ))
-        },
+    conn.query_opt(
+        "SELECT set_id, codes FROM backup_codes WHERE tenant = ? AND user_id = ?",
+        args![tenant, user],
+        |r| Ok((r.get(0)?, parse_codes(&r.get::<String>(1)?)?)),
     )
-    .optional()
-    .map_err(StoreError::from)
 }
 
 pub(super) fn backup_codes(
@@ -201,39 +194,36 @@ pub(super) fn backup_codes(
 }
 
 pub(super) fn user_state_of(
-    conn: &Connection,
+    conn: &mut Conn<'_, '_>,
     tenant: &str,
     user: &str,
 ) -> Result<Option<UserStateRow>> {
-    conn.query_row(
-        "SELECT failures, locked, throttled_until FROM user_state WHERE tenant = ? AND user = ?",
-        params![tenant, user],
+    conn.query_opt(
+        "SELECT failures, locked, throttled_until FROM user_state WHERE tenant = ? AND user_id = ?",
+        args![tenant, user],
         user_state_row,
     )
-    .optional()
-    .map_err(StoreError::from)
 }
 
-pub(super) fn user_state_row(r: &Row<'_>) -> rusqlite::Result<UserStateRow> {
-    let until: Option<i64> = r.get(2)?;
+pub(super) fn user_state_row(r: &Row<'_, '_>) -> Result<UserStateRow> {
     Ok(UserStateRow {
-        failures: r.get(0)?,
+        failures: r.int(0)?,
         locked: r.get(1)?,
-        throttled_until: until.map(|u| u as u64),
+        throttled_until: r.opt_int(2)?,
     })
 }
 
 pub(super) fn put_user_state(
-    conn: &Connection,
+    conn: &mut Conn<'_, '_>,
     tenant: &str,
     user: &str,
     state: &UserStateRow,
 ) -> Result<()> {
     conn.execute(
-        "INSERT INTO user_state (tenant, user, failures, locked, throttled_until) VALUES (?, ?, ?, ?, ?)
-         ON CONFLICT (tenant, user) DO UPDATE
+        "INSERT INTO user_state (tenant, user_id, failures, locked, throttled_until) VALUES (?, ?, ?, ?, ?)
+         ON CONFLICT (tenant, user_id) DO UPDATE
          SET failures = excluded.failures, locked = excluded.locked, throttled_until = excluded.throttled_until",
-        params![
+        args![
             tenant,
             user,
             state.failures,
@@ -255,13 +245,12 @@ pub(super) fn user_state(tenant: &str, user: &str, state: &UserStateRow) -> Enti
 }
 
 /// Does Twofold know this user: any factor, backup codes or runtime state?
-pub(super) fn user_exists(conn: &Connection, tenant: &str, user: &str) -> Result<bool> {
-    conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM totp_factors WHERE tenant = ?1 AND user = ?2)
-             OR EXISTS (SELECT 1 FROM backup_codes WHERE tenant = ?1 AND user = ?2)
-             OR EXISTS (SELECT 1 FROM user_state WHERE tenant = ?1 AND user = ?2)",
-        params![tenant, user],
+pub(super) fn user_exists(conn: &mut Conn<'_, '_>, tenant: &str, user: &str) -> Result<bool> {
+    conn.query_one(
+        "SELECT EXISTS (SELECT 1 FROM totp_factors WHERE tenant = ?1 AND user_id = ?2)
+             OR EXISTS (SELECT 1 FROM backup_codes WHERE tenant = ?1 AND user_id = ?2)
+             OR EXISTS (SELECT 1 FROM user_state WHERE tenant = ?1 AND user_id = ?2)",
+        args![tenant, user],
         |r| r.get(0),
     )
-    .map_err(StoreError::from)
 }

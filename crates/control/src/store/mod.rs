@@ -1,38 +1,50 @@
-//! The control plane's state on SQLite, and its change log.
+//! The control plane's state, and its change log, on SQLite or PostgreSQL.
 //!
 //! Every mutation runs in one write transaction that also appends its audit
 //! records and, when it changes what data planes see, one row of the change log
-//! with the next sequence number (a transactional outbox). SQLite has a single
-//! writer, and this store keeps a single write connection, so sequence numbers are
-//! assigned and committed in the same order: a reader that has seen seq N never
-//! later finds a committed change below N. See ARCHITECTURE.md.
+//! with the next sequence number (a transactional outbox). The next number comes
+//! from a single counter row, `log_head`, updated inside the writing
+//! transaction. On SQLite the one write connection already serialises writers;
+//! on PostgreSQL every write transaction first locks that row, so writers from
+//! every replica take seqs and commit in the same order: a reader that has seen
+//! seq N never later finds a committed change below N. See ARCHITECTURE.md.
 //!
+//! The statements are written once for both databases, through [`sql::Conn`].
 //! Methods are blocking; the HTTP layer calls them from `spawn_blocking`.
 
 mod entities;
 mod feed;
+pub mod migrate;
+mod pg;
+mod sql;
 mod usage;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::watch;
 use twofold_core::feed::{BackupCodeEntry, Change, EntityKey, Op};
 use twofold_core::ids::Scope;
 
 pub use feed::{FeedPosition, SnapshotSink};
+use sql::{Conn, args};
 
-/// Schema migrations, applied in order; `PRAGMA user_version` holds how many ran.
+/// SQLite schema migrations, applied in order; `PRAGMA user_version` holds how
+/// many ran.
 const MIGRATIONS: &[&str] = &[
     include_str!("schema.sql"),
     include_str!("usage.sql"),
     include_str!("activation.sql"),
+    include_str!("log_head.sql"),
 ];
 
 /// How long a connection waits for another one's lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Idle read connections kept for reuse.
+const MAX_IDLE: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -41,9 +53,26 @@ pub enum StoreError {
     #[error("{0}")]
     Conflict(&'static str),
     #[error("database: {0}")]
-    Db(#[from] rusqlite::Error),
+    Sqlite(#[from] rusqlite::Error),
+    #[error("database: {0}")]
+    Postgres(#[from] postgres::Error),
     #[error("corrupt row: {0}")]
     Corrupt(String),
+}
+
+impl StoreError {
+    /// Is the database out of reach (down, restarting, busy) rather than the
+    /// request or the data wrong? Such errors pass once the database is back.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Sqlite(e) => matches!(
+                e.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            ),
+            StoreError::Postgres(e) => pg::is_unavailable(e),
+            _ => false,
+        }
+    }
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -158,50 +187,105 @@ impl<'a> AuditEntry<'a> {
 }
 
 /// A write transaction in progress: the ops it publishes and what it audits.
-struct Write<'c> {
-    tx: Transaction<'c>,
+struct Write<'a, 'b> {
+    tx: Conn<'a, 'b>,
     ops: Vec<Op>,
 }
 
-impl Write<'_> {
+impl Write<'_, '_> {
     fn publish(&mut self, op: Op) {
         self.ops.push(op);
     }
 }
 
-/// The SQLite-backed control-plane store.
+/// Where the control plane keeps its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    /// A SQLite file: one control-plane process.
+    Sqlite(PathBuf),
+    /// A PostgreSQL URL: any number of control-plane replicas.
+    Postgres(String),
+}
+
+impl Database {
+    /// `postgres://…` or `postgresql://…` is PostgreSQL; `sqlite:PATH` or a bare
+    /// path is a SQLite file.
+    pub fn parse(text: &str) -> Database {
+        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            Database::Postgres(text.to_owned())
+        } else {
+            Database::Sqlite(PathBuf::from(text.strip_prefix("sqlite:").unwrap_or(text)))
+        }
+    }
+}
+
+/// The control-plane store, on either database.
 #[derive(Debug)]
 pub struct Store {
+    backend: Backend,
+    log_id: String,
+    head: Arc<watch::Sender<u64>>,
+}
+
+#[derive(Debug)]
+enum Backend {
+    Sqlite(Sqlite),
+    Postgres(pg::Pool),
+}
+
+/// One write connection, and read connections for reads that must not wait for
+/// writers. WAL mode gives each read transaction a consistent view.
+#[derive(Debug)]
+struct Sqlite {
     path: PathBuf,
     writer: Mutex<Connection>,
-    log_id: String,
-    head: watch::Sender<u64>,
+    readers: Mutex<Vec<Connection>>,
 }
 
 impl Store {
-    /// Open (creating if needed) the database at `path`, run migrations, and make
-    /// sure the change log has an id.
+    /// Open the database, run migrations, and make sure the change log has an id.
+    pub fn connect(database: &Database) -> Result<Store> {
+        match database {
+            Database::Sqlite(path) => Store::open(path),
+            Database::Postgres(url) => Store::open_postgres(url),
+        }
+    }
+
+    /// Open (creating if needed) the SQLite database at `path`.
     pub fn open(path: &Path) -> Result<Store> {
         let mut conn = connect(path)?;
-        migrate(&mut conn)?;
-        let log_id = match get_meta(&conn, "log_id")? {
-            Some(id) => id,
-            None => {
-                let id = twofold_core::ids::TenantId::generate()
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?
-                    .as_str()
-                    .trim_start_matches(twofold_core::ids::TenantId::PREFIX)
-                    .to_owned();
-                set_meta(&conn, "log_id", &id)?;
-                id
-            }
-        };
-        let head = head_of(&conn)?;
+        migrate_sqlite(&mut conn)?;
+        let tx = conn.unchecked_transaction()?;
+        let log_id = ensure_log_id(&mut Conn::Lite(&tx))?;
+        let head = read_head(&mut Conn::Lite(&tx))?;
+        tx.commit()?;
         Ok(Store {
-            path: path.to_owned(),
-            writer: Mutex::new(conn),
+            backend: Backend::Sqlite(Sqlite {
+                path: path.to_owned(),
+                writer: Mutex::new(conn),
+                readers: Mutex::new(Vec::new()),
+            }),
             log_id,
-            head: watch::Sender::new(head),
+            head: Arc::new(watch::Sender::new(head)),
+        })
+    }
+
+    /// Connect to PostgreSQL at `url` and run migrations; several replicas may do
+    /// so at once. New changes of every replica reach [`Store::subscribe`]
+    /// through LISTEN/NOTIFY, with a slow poll as a safety net.
+    pub fn open_postgres(url: &str) -> Result<Store> {
+        let pool = pg::Pool::new(url)?;
+        let mut client = pool.get()?;
+        let (log_id, head) = pg::migrate(&mut client, |conn| {
+            Ok((ensure_log_id(conn)?, read_head(conn)?))
+        })?;
+        drop(client);
+        let head = Arc::new(watch::Sender::new(head));
+        pg::watch_head(&pool, Arc::downgrade(&head))?;
+        Ok(Store {
+            backend: Backend::Postgres(pool),
+            log_id,
+            head,
         })
     }
 
@@ -211,7 +295,7 @@ impl Store {
         &self.log_id
     }
 
-    /// The head seq, updated after each commit.
+    /// The head seq, updated after each commit (of any replica, on PostgreSQL).
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.head.subscribe()
     }
@@ -220,25 +304,72 @@ impl Store {
         *self.head.borrow()
     }
 
-    /// A fresh read connection, for long reads (snapshots, feed streams) that must
-    /// not hold up writers. WAL mode gives it a consistent view per transaction.
-    pub fn reader(&self) -> Result<Connection> {
-        connect(&self.path)
-    }
-
     /// Is the database usable?
     pub fn ping(&self) -> Result<()> {
-        self.reader()?
-            .query_row("SELECT 1", [], |_| Ok(()))
-            .map_err(StoreError::from)
+        self.read(|conn| conn.query_one("SELECT 1", args![], |_| Ok(())))
     }
 
-    fn lock(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock leaves the connection usable: SQLite rolls
-        // back the unfinished transaction when it is dropped.
-        self.writer
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// Run `f` on a read connection, outside any write transaction.
+    fn read<T>(&self, f: impl FnOnce(&mut Conn<'_, '_>) -> Result<T>) -> Result<T> {
+        match &self.backend {
+            Backend::Sqlite(lite) => {
+                let conn = lite.reader()?;
+                let value = f(&mut Conn::Lite(&conn));
+                lite.give_back(conn);
+                value
+            }
+            Backend::Postgres(pool) => f(&mut Conn::Pg(&mut *pool.get()?)),
+        }
+    }
+
+    /// Run `f` in one read-only transaction that sees a single committed state.
+    fn read_consistent<T>(&self, f: impl FnOnce(&mut Conn<'_, '_>) -> Result<T>) -> Result<T> {
+        match &self.backend {
+            Backend::Sqlite(lite) => {
+                let conn = lite.reader()?;
+                let value = {
+                    let tx = conn.unchecked_transaction()?;
+                    f(&mut Conn::Lite(&tx))
+                };
+                lite.give_back(conn);
+                value
+            }
+            Backend::Postgres(pool) => {
+                let mut client = pool.get()?;
+                let mut tx = client
+                    .build_transaction()
+                    .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                    .read_only(true)
+                    .start()?;
+                let value = f(&mut Conn::PgTx(&mut tx))?;
+                tx.commit()?;
+                Ok(value)
+            }
+        }
+    }
+
+    /// Run `f` in one write transaction, serialised with every other writer.
+    fn transact<T>(&self, f: impl FnOnce(&mut Conn<'_, '_>) -> Result<T>) -> Result<T> {
+        match &self.backend {
+            Backend::Sqlite(lite) => {
+                let mut conn = lite.lock();
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let value = f(&mut Conn::Lite(&tx))?;
+                tx.commit()?;
+                Ok(value)
+            }
+            Backend::Postgres(pool) => {
+                let mut client = pool.get()?;
+                let mut tx = client.transaction()?;
+                // Every writer of every replica queues on the counter row here, so
+                // write transactions run one at a time, as on SQLite, and commit
+                // in the order they take seqs.
+                tx.execute("SELECT seq FROM log_head WHERE id = 0 FOR UPDATE", &[])?;
+                let value = f(&mut Conn::PgTx(&mut tx))?;
+                tx.commit()?;
+                Ok(value)
+            }
+        }
     }
 
     /// Run `f` in one write transaction. Audit records and, if `f` published any
@@ -248,79 +379,92 @@ impl Store {
         now_ms: i64,
         actor: &Actor,
         audit: impl Into<Option<AuditEntry<'a>>>,
-        f: impl FnOnce(&mut Write<'_>) -> Result<T>,
+        f: impl FnOnce(&mut Write<'_, '_>) -> Result<T>,
     ) -> Result<T> {
-        let mut conn = self.lock();
-        let (value, new_head) = Self::commit_write(&mut conn, now_ms, actor, audit.into(), f)?;
-        drop(conn);
-        if let Some(seq) = new_head {
-            // Writers reach this point after releasing the lock, so possibly out of
-            // commit order: the published head only ever moves forward.
-            self.head.send_if_modified(|head| {
-                let newer = seq > *head;
-                if newer {
-                    *head = seq;
+        let audit = audit.into();
+        let (value, new_head) = self.transact(|tx| {
+            let mut write = Write {
+                tx: tx.reborrow(),
+                ops: Vec::new(),
+            };
+            let value = f(&mut write)?;
+            let Write { mut tx, ops } = write;
+            if let Some(audit) = audit {
+                tx.execute(
+                    "INSERT INTO audit (at_ms, actor, tenant, action, user_id, target) VALUES (?, ?, ?, ?, ?, ?)",
+                    args![now_ms, actor.as_str(), audit.tenant, audit.action, audit.user, audit.target],
+                )?;
+            }
+            let mut new_head = None;
+            if !ops.is_empty() {
+                // A counter row rather than max(seq), so compaction can empty the
+                // log without the next seq going backwards.
+                let seq: i64 = tx.query_one(
+                    "UPDATE log_head SET seq = seq + 1 WHERE id = 0 RETURNING seq",
+                    args![],
+                    |r| r.get(0),
+                )?;
+                let body =
+                    serde_json::to_string(&ops).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                tx.execute(
+                    "INSERT INTO changes (seq, at_ms, ops) VALUES (?, ?, ?)",
+                    args![seq, now_ms, &body],
+                )?;
+                if tx.is_postgres() {
+                    // Delivered on commit, to every replica's head watcher.
+                    tx.execute(
+                        "SELECT pg_notify('twofold_changes', ?)",
+                        args![seq.to_string()],
+                    )?;
                 }
-                newer
-            });
+                new_head = Some(seq as u64);
+            }
+            Ok((value, new_head))
+        })?;
+        if let Some(seq) = new_head {
+            advance(&self.head, seq);
         }
         Ok(value)
-    }
-
-    fn commit_write<T>(
-        conn: &mut Connection,
-        now_ms: i64,
-        actor: &Actor,
-        audit: Option<AuditEntry<'_>>,
-        f: impl FnOnce(&mut Write<'_>) -> Result<T>,
-    ) -> Result<(T, Option<u64>)> {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut write = Write {
-            tx,
-            ops: Vec::new(),
-        };
-        let value = f(&mut write)?;
-        let Write { tx, ops } = write;
-        if let Some(audit) = audit {
-            tx.execute(
-                "INSERT INTO audit (at_ms, actor, tenant, action, user, target) VALUES (?, ?, ?, ?, ?, ?)",
-                params![now_ms, actor.as_str(), audit.tenant, audit.action, audit.user, audit.target],
-            )?;
-        }
-        let mut new_head = None;
-        if !ops.is_empty() {
-            // The head lives in `meta` rather than being max(seq), so compaction can
-            // empty the log without the next seq going backwards.
-            let seq = head_of(&tx)? + 1;
-            let body =
-                serde_json::to_string(&ops).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            tx.execute(
-                "INSERT INTO changes (seq, at_ms, ops) VALUES (?, ?, ?)",
-                params![seq as i64, now_ms, body],
-            )?;
-            set_meta(&tx, "head", &seq.to_string())?;
-            new_head = Some(seq);
-        }
-        tx.commit()?;
-        Ok((value, new_head))
     }
 
     // ----- operator token -----
 
     pub fn operator_token_hash(&self) -> Result<Option<Vec<u8>>> {
-        let conn = self.lock();
-        get_meta(&conn, "operator_hash")?
+        self.read(|conn| get_meta(conn, "operator_hash"))?
             .map(|hex| decode_hex(&hex))
             .transpose()
     }
 
     pub fn set_operator_token_hash(&self, hash: &[u8]) -> Result<()> {
-        let conn = self.lock();
-        set_meta(
-            &conn,
-            "operator_hash",
-            &data_encoding::HEXLOWER.encode(hash),
-        )
+        let hex = data_encoding::HEXLOWER.encode(hash);
+        self.transact(|tx| set_meta(tx, "operator_hash", &hex))
+    }
+
+    /// Does `fingerprint` match the master key's fingerprint the database keeps?
+    /// The first replica to ask stores its own.
+    pub fn check_key(&self, fingerprint: &[u8]) -> Result<bool> {
+        let hex = data_encoding::HEXLOWER.encode(fingerprint);
+        let stored = self.transact(|tx| {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('key_check', ?) ON CONFLICT (key) DO NOTHING",
+                args![hex],
+            )?;
+            get_meta(tx, "key_check")
+        })?;
+        Ok(stored.as_deref() == Some(hex.as_str()))
+    }
+
+    /// Store the operator token's hash unless one is stored already (another
+    /// replica may have just stored its own). Returns whether this one was kept.
+    pub fn init_operator_token_hash(&self, hash: &[u8]) -> Result<bool> {
+        let hex = data_encoding::HEXLOWER.encode(hash);
+        let added = self.transact(|tx| {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('operator_hash', ?) ON CONFLICT (key) DO NOTHING",
+                args![hex],
+            )
+        })?;
+        Ok(added == 1)
     }
 
     // ----- tenants -----
@@ -335,7 +479,7 @@ impl Store {
         self.write(now_ms, actor, audit, |w| {
             w.tx.execute(
                 "INSERT INTO tenants (id, name, created_ms) VALUES (?, ?, ?)",
-                params![row.id, row.name, row.created_ms],
+                args![row.id, row.name, row.created_ms],
             )?;
             w.publish(Op::Put {
                 entity: entities::tenant(row),
@@ -345,21 +489,23 @@ impl Store {
     }
 
     pub fn list_tenants(&self) -> Result<Vec<TenantRow>> {
-        let conn = self.lock();
-        let mut stmt =
-            conn.prepare("SELECT id, name, created_ms FROM tenants ORDER BY created_ms, id")?;
-        let rows = stmt.query_map([], entities::tenant_row)?;
-        rows.collect::<Result<_, _>>().map_err(StoreError::from)
+        self.read(|conn| {
+            conn.query(
+                "SELECT id, name, created_ms FROM tenants ORDER BY created_ms, id",
+                args![],
+                entities::tenant_row,
+            )
+        })
     }
 
     pub fn tenant(&self, id: &str) -> Result<TenantRow> {
-        let conn = self.lock();
-        conn.query_row(
-            "SELECT id, name, created_ms FROM tenants WHERE id = ?",
-            [id],
-            entities::tenant_row,
-        )
-        .optional()?
+        self.read(|conn| {
+            conn.query_opt(
+                "SELECT id, name, created_ms FROM tenants WHERE id = ?",
+                args![id],
+                entities::tenant_row,
+            )
+        })?
         .ok_or(StoreError::NotFound("tenant"))
     }
 
@@ -374,11 +520,11 @@ impl Store {
         };
         self.write(now_ms, actor, audit, |w| {
             if let Some(tenant) = &row.tenant {
-                ensure_tenant(&w.tx, tenant)?;
+                ensure_tenant(&mut w.tx, tenant)?;
             }
             w.tx.execute(
                 "INSERT INTO api_keys (id, tenant, name, hash, scopes, created_ms) VALUES (?, ?, ?, ?, ?, ?)",
-                params![
+                args![
                     row.id,
                     row.tenant,
                     row.name,
@@ -396,16 +542,17 @@ impl Store {
 
     /// Keys of one tenant, or the node keys when `tenant` is `None`.
     pub fn list_api_keys(&self, tenant: Option<&str>) -> Result<Vec<KeyRow>> {
-        let conn = self.lock();
-        if let Some(tenant) = tenant {
-            ensure_tenant(&conn, tenant)?;
-        }
-        let mut stmt = conn.prepare(
-            "SELECT id, tenant, name, hash, scopes, created_ms, revoked_ms FROM api_keys
-             WHERE tenant IS ? ORDER BY created_ms, id",
-        )?;
-        let rows = stmt.query_map([tenant], entities::key_row)?;
-        rows.collect::<Result<_, _>>().map_err(StoreError::from)
+        self.read(|conn| {
+            if let Some(tenant) = tenant {
+                ensure_tenant(conn, tenant)?;
+            }
+            conn.query(
+                "SELECT id, tenant, name, hash, scopes, created_ms, revoked_ms FROM api_keys
+                 WHERE tenant IS NOT DISTINCT FROM ? ORDER BY created_ms, id",
+                args![tenant],
+                entities::key_row,
+            )
+        })
     }
 
     /// Revoke a key of `tenant` (or a node key). Revoking twice is not an error.
@@ -423,21 +570,19 @@ impl Store {
             target: Some(id),
         };
         self.write(now_ms, actor, audit, |w| {
-            let found =
-                w.tx.query_row(
-                    "SELECT id, tenant, name, hash, scopes, created_ms, revoked_ms FROM api_keys
-                     WHERE id = ? AND tenant IS ?",
-                    params![id, tenant],
-                    entities::key_row,
-                )
-                .optional()?;
+            let found = w.tx.query_opt(
+                "SELECT id, tenant, name, hash, scopes, created_ms, revoked_ms FROM api_keys
+                 WHERE id = ? AND tenant IS NOT DISTINCT FROM ?",
+                args![id, tenant],
+                entities::key_row,
+            )?;
             match found {
                 None => Err(StoreError::NotFound("api key")),
                 Some(row) if row.revoked_ms.is_some() => Ok(()),
                 Some(row) => {
                     w.tx.execute(
                         "UPDATE api_keys SET revoked_ms = ? WHERE id = ?",
-                        params![now_ms, id],
+                        args![now_ms, id],
                     )?;
                     // Only a key the feed carries needs a tombstone there.
                     if entities::api_key(&row).is_some() {
@@ -453,28 +598,26 @@ impl Store {
 
     /// Does a key with this id exist, unrevoked?
     pub fn key_is_active(&self, id: &str) -> Result<bool> {
-        let conn = self.lock();
-        let found = conn
-            .query_row(
+        let found = self.read(|conn| {
+            conn.query_opt(
                 "SELECT 1 FROM api_keys WHERE id = ? AND revoked_ms IS NULL",
-                [id],
+                args![id],
                 |_| Ok(()),
             )
-            .optional()?;
+        })?;
         Ok(found.is_some())
     }
 
     /// The unrevoked key with this hash, if any.
     pub fn key_by_hash(&self, hash: &[u8]) -> Result<Option<KeyRow>> {
-        let conn = self.lock();
-        conn.query_row(
-            "SELECT id, tenant, name, hash, scopes, created_ms, revoked_ms FROM api_keys
-             WHERE hash = ? AND revoked_ms IS NULL",
-            [hash],
-            entities::key_row,
-        )
-        .optional()
-        .map_err(StoreError::from)
+        self.read(|conn| {
+            conn.query_opt(
+                "SELECT id, tenant, name, hash, scopes, created_ms, revoked_ms FROM api_keys
+                 WHERE hash = ? AND revoked_ms IS NULL",
+                args![hash],
+                entities::key_row,
+            )
+        })
     }
 
     // ----- TOTP factors -----
@@ -492,26 +635,26 @@ impl Store {
         let audit = AuditEntry::on_user("totp.enroll", &row.tenant, &row.user, Some(&row.id));
         self.write(now_ms, actor, audit, |w| {
             w.tx.execute(
-                "DELETE FROM totp_factors WHERE tenant = ? AND user = ? AND status = 'pending' AND expires_ms <= ?",
-                params![row.tenant, row.user, now_ms],
+                "DELETE FROM totp_factors WHERE tenant = ? AND user_id = ? AND status = 'pending' AND expires_ms <= ?",
+                args![row.tenant, row.user, now_ms],
             )?;
-            let held: i64 = w.tx.query_row(
-                "SELECT count(*) FROM totp_factors WHERE tenant = ? AND user = ?",
-                params![row.tenant, row.user],
+            let held: i64 = w.tx.query_one(
+                "SELECT count(*) FROM totp_factors WHERE tenant = ? AND user_id = ?",
+                args![row.tenant, row.user],
                 |r| r.get(0),
             )?;
             if held as usize >= max_factors {
                 return Err(StoreError::Conflict("too_many_factors"));
             }
-            entities::insert_factor(&w.tx, row)?;
+            entities::insert_factor(&mut w.tx, row)?;
             Ok(())
         })
     }
 
     /// A factor of this user, pending or active.
     pub fn factor(&self, tenant: &str, user: &str, id: &str) -> Result<FactorRow> {
-        let conn = self.lock();
-        entities::factor(&conn, tenant, user, id)?.ok_or(StoreError::NotFound("factor"))
+        self.read(|conn| entities::factor(conn, tenant, user, id))?
+            .ok_or(StoreError::NotFound("factor"))
     }
 
     /// Count a wrong activation code for a pending factor; at `limit` wrong codes
@@ -527,18 +670,16 @@ impl Store {
     ) -> Result<bool> {
         let audit = AuditEntry::on_user("totp.activation_failed", tenant, user, Some(id));
         self.write(now_ms, actor, audit, |w| {
-            let failures: Option<u32> =
-                w.tx.query_row(
-                    "UPDATE totp_factors SET activation_failures = activation_failures + 1
-                     WHERE id = ? AND tenant = ? AND user = ? AND status = 'pending'
+            let failures: Option<u32> = w.tx.query_opt(
+                "UPDATE totp_factors SET activation_failures = activation_failures + 1
+                     WHERE id = ? AND tenant = ? AND user_id = ? AND status = 'pending'
                      RETURNING activation_failures",
-                    params![id, tenant, user],
-                    |r| r.get(0),
-                )
-                .optional()?;
+                args![id, tenant, user],
+                |r| r.int(0),
+            )?;
             let dropped = failures.is_some_and(|f| f >= limit);
             if dropped {
-                w.tx.execute("DELETE FROM totp_factors WHERE id = ?", [id])?;
+                w.tx.execute("DELETE FROM totp_factors WHERE id = ?", args![id])?;
             }
             Ok(dropped)
         })
@@ -557,7 +698,7 @@ impl Store {
     ) -> Result<FactorRow> {
         let audit = AuditEntry::on_user("totp.activate", tenant, user, Some(id));
         self.write(now_ms, actor, audit, |w| {
-            let mut row = entities::factor(&w.tx, tenant, user, id)?.ok_or(StoreError::NotFound("factor"))?;
+            let mut row = entities::factor(&mut w.tx, tenant, user, id)?.ok_or(StoreError::NotFound("factor"))?;
             match row.status {
                 FactorStatus::Active => return Err(StoreError::Conflict("factor_already_active")),
                 FactorStatus::Pending if row.expires_ms.is_some_and(|e| e <= now_ms) => {
@@ -568,7 +709,7 @@ impl Store {
             w.tx.execute(
                 "UPDATE totp_factors SET status = 'active', activated_ms = ?, expires_ms = NULL, last_step = ?
                  WHERE id = ?",
-                params![now_ms, step as i64, id],
+                args![now_ms, step as i64, id],
             )?;
             row.status = FactorStatus::Active;
             row.activated_ms = Some(now_ms);
@@ -583,14 +724,14 @@ impl Store {
 
     /// The user's factors, oldest first. Expired pending factors are left out.
     pub fn list_factors(&self, now_ms: i64, tenant: &str, user: &str) -> Result<Vec<FactorRow>> {
-        let conn = self.lock();
-        entities::factors_of(&conn, tenant, user).map(|rows| {
-            rows.into_iter()
-                .filter(|f| {
-                    f.status == FactorStatus::Active || f.expires_ms.is_some_and(|e| e > now_ms)
-                })
-                .collect()
-        })
+        self.read(|conn| entities::factors_of(conn, tenant, user))
+            .map(|rows| {
+                rows.into_iter()
+                    .filter(|f| {
+                        f.status == FactorStatus::Active || f.expires_ms.is_some_and(|e| e > now_ms)
+                    })
+                    .collect()
+            })
     }
 
     pub fn delete_factor(
@@ -603,9 +744,9 @@ impl Store {
     ) -> Result<()> {
         let audit = AuditEntry::on_user("totp.delete", tenant, user, Some(id));
         self.write(now_ms, actor, audit, |w| {
-            let row =
-                entities::factor(&w.tx, tenant, user, id)?.ok_or(StoreError::NotFound("factor"))?;
-            w.tx.execute("DELETE FROM totp_factors WHERE id = ?", [id])?;
+            let row = entities::factor(&mut w.tx, tenant, user, id)?
+                .ok_or(StoreError::NotFound("factor"))?;
+            w.tx.execute("DELETE FROM totp_factors WHERE id = ?", args![id])?;
             if row.status == FactorStatus::Active {
                 w.publish(Op::Delete {
                     key: EntityKey::Totp {
@@ -623,7 +764,7 @@ impl Store {
     pub fn delete_user(&self, now_ms: i64, actor: &Actor, tenant: &str, user: &str) -> Result<()> {
         let audit = AuditEntry::on_user("user.delete", tenant, user, None);
         self.write(now_ms, actor, audit, |w| {
-            let factors = entities::factors_of(&w.tx, tenant, user)?;
+            let factors = entities::factors_of(&mut w.tx, tenant, user)?;
             let mut found = !factors.is_empty();
             for f in factors.iter().filter(|f| f.status == FactorStatus::Active) {
                 w.publish(Op::Delete {
@@ -635,12 +776,12 @@ impl Store {
                 });
             }
             w.tx.execute(
-                "DELETE FROM totp_factors WHERE tenant = ? AND user = ?",
-                params![tenant, user],
+                "DELETE FROM totp_factors WHERE tenant = ? AND user_id = ?",
+                args![tenant, user],
             )?;
             if w.tx.execute(
-                "DELETE FROM backup_codes WHERE tenant = ? AND user = ?",
-                params![tenant, user],
+                "DELETE FROM backup_codes WHERE tenant = ? AND user_id = ?",
+                args![tenant, user],
             )? > 0
             {
                 found = true;
@@ -652,8 +793,8 @@ impl Store {
                 });
             }
             if w.tx.execute(
-                "DELETE FROM user_state WHERE tenant = ? AND user = ?",
-                params![tenant, user],
+                "DELETE FROM user_state WHERE tenant = ? AND user_id = ?",
+                args![tenant, user],
             )? > 0
             {
                 found = true;
@@ -694,10 +835,10 @@ impl Store {
                 })
                 .collect();
             w.tx.execute(
-                "INSERT INTO backup_codes (tenant, user, set_id, codes, created_ms) VALUES (?, ?, ?, ?, ?)
-                 ON CONFLICT (tenant, user) DO UPDATE
+                "INSERT INTO backup_codes (tenant, user_id, set_id, codes, created_ms) VALUES (?, ?, ?, ?, ?)
+                 ON CONFLICT (tenant, user_id) DO UPDATE
                  SET set_id = excluded.set_id, codes = excluded.codes, created_ms = excluded.created_ms",
-                params![tenant, user, set_id, entities::codes_text(&codes)?, now_ms],
+                args![tenant, user, set_id, entities::codes_text(&codes)?, now_ms],
             )?;
             w.publish(Op::Put {
                 entity: entities::backup_codes(tenant, user, set_id, codes),
@@ -707,8 +848,8 @@ impl Store {
     }
 
     pub fn backup_summary(&self, tenant: &str, user: &str) -> Result<Option<BackupSummary>> {
-        let conn = self.lock();
-        let Some((_, codes)) = entities::backup_codes_of(&conn, tenant, user)? else {
+        let Some((_, codes)) = self.read(|conn| entities::backup_codes_of(conn, tenant, user))?
+        else {
             return Ok(None);
         };
         Ok(Some(BackupSummary {
@@ -720,8 +861,8 @@ impl Store {
     // ----- runtime state -----
 
     pub fn user_state(&self, tenant: &str, user: &str) -> Result<UserStateRow> {
-        let conn = self.lock();
-        entities::user_state_of(&conn, tenant, user).map(Option::unwrap_or_default)
+        self.read(|conn| entities::user_state_of(conn, tenant, user))
+            .map(Option::unwrap_or_default)
     }
 
     /// Clear a user's failures, throttle and lock. Fails with `NotFound` for a
@@ -729,11 +870,11 @@ impl Store {
     pub fn unlock_user(&self, now_ms: i64, actor: &Actor, tenant: &str, user: &str) -> Result<()> {
         let audit = AuditEntry::on_user("user.unlock", tenant, user, None);
         self.write(now_ms, actor, audit, |w| {
-            if !entities::user_exists(&w.tx, tenant, user)? {
+            if !entities::user_exists(&mut w.tx, tenant, user)? {
                 return Err(StoreError::NotFound("user"));
             }
             let cleared = UserStateRow::default();
-            entities::put_user_state(&w.tx, tenant, user, &cleared)?;
+            entities::put_user_state(&mut w.tx, tenant, user, &cleared)?;
             w.publish(Op::Put {
                 entity: entities::user_state(tenant, user, &cleared),
             });
@@ -752,35 +893,69 @@ impl Store {
         after: i64,
         limit: usize,
     ) -> Result<Vec<AuditRow>> {
-        let conn = self.lock();
-        let mut stmt = conn.prepare(
-            "SELECT id, at_ms, actor, tenant, action, user, target FROM audit
-             WHERE id > ?1 AND (?2 IS NULL OR tenant = ?2) AND (?3 IS NULL OR user = ?3)
-             ORDER BY id LIMIT ?4",
-        )?;
-        let rows = stmt.query_map(params![after, tenant, user, limit as i64], |r| {
-            Ok(AuditRow {
-                id: r.get(0)?,
-                at_ms: r.get(1)?,
-                actor: r.get(2)?,
-                tenant: r.get(3)?,
-                action: r.get(4)?,
-                user: r.get(5)?,
-                target: r.get(6)?,
-            })
-        })?;
-        rows.collect::<Result<_, _>>().map_err(StoreError::from)
+        self.read(|conn| {
+            conn.query(
+                "SELECT id, at_ms, actor, tenant, action, user_id, target FROM audit
+                 WHERE id > ?1 AND (?2 IS NULL OR tenant = ?2) AND (?3 IS NULL OR user_id = ?3)
+                 ORDER BY id LIMIT ?4",
+                args![after, tenant, user, limit as i64],
+                |r| {
+                    Ok(AuditRow {
+                        id: r.get(0)?,
+                        at_ms: r.get(1)?,
+                        actor: r.get(2)?,
+                        tenant: r.get(3)?,
+                        action: r.get(4)?,
+                        user: r.get(5)?,
+                        target: r.get(6)?,
+                    })
+                },
+            )
+        })
     }
 
     /// Changes after `after`, in seq order, at most `limit`.
-    pub fn changes_after(conn: &Connection, after: u64, limit: usize) -> Result<Vec<Change>> {
-        feed::changes_after(conn, after, limit)
+    pub fn changes_after(&self, after: u64, limit: usize) -> Result<Vec<Change>> {
+        self.read(|conn| feed::changes_after(conn, after, limit))
+    }
+}
+
+impl Sqlite {
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves the connection usable: SQLite rolls
+        // back the unfinished transaction when it is dropped.
+        self.writer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn reader(&self) -> Result<Connection> {
+        let idle = self
+            .readers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .pop();
+        match idle {
+            Some(conn) => Ok(conn),
+            None => connect(&self.path),
+        }
+    }
+
+    fn give_back(&self, conn: Connection) {
+        let mut idle = self
+            .readers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push(conn);
+        }
     }
 }
 
 fn connect(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.set_prepared_statement_cache_capacity(64);
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // With WAL, NORMAL loses no committed transaction on a process crash; FULL
     // also survives power loss, which is what a change log needs.
@@ -789,7 +964,7 @@ fn connect(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
-fn migrate(conn: &mut Connection) -> Result<()> {
+fn migrate_sqlite(conn: &mut Connection) -> Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     for (i, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
@@ -800,21 +975,57 @@ fn migrate(conn: &mut Connection) -> Result<()> {
     Ok(())
 }
 
-fn get_meta(conn: &Connection, key: &str) -> Result<Option<String>> {
-    conn.query_row("SELECT value FROM meta WHERE key = ?", [key], |r| r.get(0))
-        .optional()
-        .map_err(StoreError::from)
+/// Move the published head forward to `seq`. Writers (and, on PostgreSQL, the
+/// head watcher) get here in any order; the head never goes back.
+fn advance(head: &watch::Sender<u64>, seq: u64) {
+    head.send_if_modified(|head| {
+        let newer = seq > *head;
+        if newer {
+            *head = seq;
+        }
+        newer
+    });
 }
 
-fn set_meta(conn: &Connection, key: &str, value: &str) -> Result<()> {
+/// The log's id, created on first open. Replicas opening a new database at once
+/// agree on the first one written.
+fn ensure_log_id(conn: &mut Conn<'_, '_>) -> Result<String> {
+    if let Some(id) = get_meta(conn, "log_id")? {
+        return Ok(id);
+    }
+    let id = twofold_core::ids::TenantId::generate()
+        .map_err(|e| StoreError::Corrupt(e.to_string()))?
+        .as_str()
+        .trim_start_matches(twofold_core::ids::TenantId::PREFIX)
+        .to_owned();
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('log_id', ?) ON CONFLICT (key) DO NOTHING",
+        args![&id],
+    )?;
+    get_meta(conn, "log_id")?.ok_or_else(|| StoreError::Corrupt("log_id".into()))
+}
+
+fn read_head(conn: &mut Conn<'_, '_>) -> Result<u64> {
+    conn.query_one("SELECT seq FROM log_head WHERE id = 0", args![], |r| {
+        r.int(0)
+    })
+}
+
+fn get_meta(conn: &mut Conn<'_, '_>, key: &str) -> Result<Option<String>> {
+    conn.query_opt("SELECT value FROM meta WHERE key = ?", args![key], |r| {
+        r.get(0)
+    })
+}
+
+fn set_meta(conn: &mut Conn<'_, '_>, key: &str, value: &str) -> Result<()> {
     conn.execute(
         "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        [key, value],
+        args![key, value],
     )?;
     Ok(())
 }
 
-fn meta_u64(conn: &Connection, key: &str) -> Result<u64> {
+fn meta_u64(conn: &mut Conn<'_, '_>, key: &str) -> Result<u64> {
     match get_meta(conn, key)? {
         None => Ok(0),
         Some(v) => v
@@ -823,14 +1034,10 @@ fn meta_u64(conn: &Connection, key: &str) -> Result<u64> {
     }
 }
 
-fn head_of(conn: &Connection) -> Result<u64> {
-    meta_u64(conn, "head")
-}
-
-fn ensure_tenant(conn: &Connection, tenant: &str) -> Result<()> {
-    let found = conn
-        .query_row("SELECT 1 FROM tenants WHERE id = ?", [tenant], |_| Ok(()))
-        .optional()?;
+fn ensure_tenant(conn: &mut Conn<'_, '_>, tenant: &str) -> Result<()> {
+    let found = conn.query_opt("SELECT 1 FROM tenants WHERE id = ?", args![tenant], |_| {
+        Ok(())
+    })?;
     found.ok_or(StoreError::NotFound("tenant"))
 }
 

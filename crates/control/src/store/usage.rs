@@ -8,13 +8,13 @@
 
 use std::collections::BTreeMap;
 
-use rusqlite::{OptionalExtension, params};
 use twofold_core::feed::{
     BackupCodeUse, BackupCodeUseAck, Entity, EntityKey, NumberedEvent, Op, UsageAck, UsageEvent,
 };
 use twofold_core::throttle::{Throttle, ThrottlePolicy};
 
 use super::entities::{self, backup_codes_of, put_user_state, user_exists, user_state_of};
+use super::sql::args;
 use super::{Actor, FactorStatus, Result, Store, UserStateRow, Write};
 
 fn throttle_of(row: &UserStateRow) -> Throttle {
@@ -47,13 +47,12 @@ impl Store {
         let actor = Actor::Key(node.to_owned());
         let through = self.write(now_ms, &actor, None, |w| {
             let cursor: u64 =
-                w.tx.query_row(
+                w.tx.query_opt(
                     "SELECT through FROM usage_cursors WHERE node = ?",
-                    [node],
-                    |r| r.get::<_, i64>(0),
-                )
-                .optional()?
-                .map_or(0, |t| t as u64);
+                    args![node],
+                    |r| r.int(0),
+                )?
+                .unwrap_or(0);
             // Entities touched, by key: each is published once, in its final state.
             let mut touched: BTreeMap<EntityKey, Entity> = BTreeMap::new();
             let mut through = cursor;
@@ -65,7 +64,7 @@ impl Store {
                 w.tx.execute(
                     "INSERT INTO usage_cursors (node, through) VALUES (?, ?)
                      ON CONFLICT (node) DO UPDATE SET through = excluded.through",
-                    params![node, through as i64],
+                    args![node, through as i64],
                 )?;
             }
             for entity in touched.into_values() {
@@ -115,7 +114,7 @@ impl Store {
 }
 
 fn merge(
-    w: &mut Write<'_>,
+    w: &mut Write<'_, '_>,
     event: &UsageEvent,
     policy: &ThrottlePolicy,
     touched: &mut BTreeMap<EntityKey, Entity>,
@@ -127,7 +126,7 @@ fn merge(
             factor,
             step,
         } => {
-            let Some(mut row) = entities::factor(&w.tx, tenant, user, factor)? else {
+            let Some(mut row) = entities::factor(&mut w.tx, tenant, user, factor)? else {
                 return Ok(());
             };
             if row.status != FactorStatus::Active || row.last_step.is_some_and(|s| s >= *step) {
@@ -135,7 +134,7 @@ fn merge(
             }
             w.tx.execute(
                 "UPDATE totp_factors SET last_step = ? WHERE id = ?",
-                params![*step as i64, factor],
+                args![*step as i64, factor],
             )?;
             row.last_step = Some(*step);
             let entity = entities::totp(&row);
@@ -147,7 +146,7 @@ fn merge(
             set_id,
             index,
         } => {
-            let Some((current, mut codes)) = backup_codes_of(&w.tx, tenant, user)? else {
+            let Some((current, mut codes)) = backup_codes_of(&mut w.tx, tenant, user)? else {
                 return Ok(());
             };
             let Some(code) = codes.get_mut(*index as usize) else {
@@ -158,29 +157,29 @@ fn merge(
             }
             code.used = true;
             w.tx.execute(
-                "UPDATE backup_codes SET codes = ? WHERE tenant = ? AND user = ?",
-                params![entities::codes_text(&codes)?, tenant, user],
+                "UPDATE backup_codes SET codes = ? WHERE tenant = ? AND user_id = ?",
+                args![entities::codes_text(&codes)?, tenant, user],
             )?;
             let entity = entities::backup_codes(tenant, user, &current, codes);
             touched.insert(entity.key(), entity);
         }
         UsageEvent::Failure { tenant, user, at } => {
-            if !user_exists(&w.tx, tenant, user)? {
+            if !user_exists(&mut w.tx, tenant, user)? {
                 return Ok(());
             }
-            let state = user_state_of(&w.tx, tenant, user)?.unwrap_or_default();
+            let state = user_state_of(&mut w.tx, tenant, user)?.unwrap_or_default();
             let next = row_of(policy.fail(&throttle_of(&state), *at));
-            put_user_state(&w.tx, tenant, user, &next)?;
+            put_user_state(&mut w.tx, tenant, user, &next)?;
             let entity = entities::user_state(tenant, user, &next);
             touched.insert(entity.key(), entity);
         }
         UsageEvent::Success { tenant, user } => {
-            let Some(state) = user_state_of(&w.tx, tenant, user)? else {
+            let Some(state) = user_state_of(&mut w.tx, tenant, user)? else {
                 return Ok(());
             };
             let next = row_of(throttle_of(&state).succeed());
             if next != state {
-                put_user_state(&w.tx, tenant, user, &next)?;
+                put_user_state(&mut w.tx, tenant, user, &next)?;
                 let entity = entities::user_state(tenant, user, &next);
                 touched.insert(entity.key(), entity);
             }
