@@ -13,6 +13,43 @@ use common::{
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
+suite! {
+    requests_without_valid_credentials_are_401,
+    operator_routes_refuse_other_credentials,
+    user_routes_need_a_manage_key,
+    the_feed_needs_the_operator_or_a_node_key,
+    tenants_are_created_listed_and_shown,
+    tenant_names_are_validated,
+    unknown_and_malformed_tenants_are_404,
+    bad_bodies_are_refused_in_the_error_format,
+    keys_are_created_listed_and_revoked,
+    key_scopes_and_names_are_validated,
+    node_keys_are_created_listed_and_revoked,
+    enrolment_has_safe_defaults,
+    enrolment_takes_parameters,
+    qr_codes_come_as_svg_or_png,
+    invalid_totp_parameters_are_400,
+    user_ids_are_validated,
+    activation_checks_the_code_once,
+    a_code_two_steps_away_is_refused,
+    pending_factors_expire_after_ten_minutes,
+    a_user_holds_at_most_five_factors,
+    listing_factors_never_shows_a_secret,
+    factors_and_users_are_deleted,
+    backup_codes_are_generated_and_replaced,
+    unlock_needs_a_known_user,
+    every_change_is_audited_without_secrets,
+    another_tenants_users_look_missing,
+    unknown_routes_and_methods_answer_in_json,
+    health_readiness_and_metrics,
+    enrolment_body_must_be_json_when_present,
+    five_wrong_activation_codes_cancel_the_enrolment,
+    names_too_long_for_a_qr_code_are_a_bad_request,
+    ; multi_thread:
+    concurrent_activations_succeed_once,
+    concurrent_enrolments_respect_the_limit,
+}
+
 #[test]
 fn totp_helper_matches_rfc6238() {
     let sha1 = b"12345678901234567890";
@@ -39,7 +76,6 @@ fn totp_helper_matches_rfc6238() {
 
 // ----- authentication and scopes -----
 
-#[tokio::test]
 async fn requests_without_valid_credentials_are_401() {
     let s = TestServer::start().await;
     let tenant = s.tenant("acme").await;
@@ -125,7 +161,6 @@ async fn requests_without_valid_credentials_are_401() {
     assert_eq!(got.0, StatusCode::OK, "{}", got.1);
 }
 
-#[tokio::test]
 async fn operator_routes_refuse_other_credentials() {
     let s = TestServer::start().await;
     let tenant = s.tenant("acme").await;
@@ -176,7 +211,6 @@ async fn operator_routes_refuse_other_credentials() {
     );
 }
 
-#[tokio::test]
 async fn user_routes_need_a_manage_key() {
     let s = TestServer::start().await;
     let tenant = s.tenant("acme").await;
@@ -218,7 +252,6 @@ async fn user_routes_need_a_manage_key() {
     assert_eq!(body["factors"][0]["status"], "pending");
 }
 
-#[tokio::test]
 async fn the_feed_needs_the_operator_or_a_node_key() {
     let s = TestServer::start().await;
     let tenant = s.tenant("acme").await;
@@ -248,7 +281,6 @@ async fn the_feed_needs_the_operator_or_a_node_key() {
 
 // ----- tenants -----
 
-#[tokio::test]
 async fn tenants_are_created_listed_and_shown() {
     let s = TestServer::start().await;
     let (status, created) = s
@@ -276,7 +308,6 @@ async fn tenants_are_created_listed_and_shown() {
     assert_eq!(shown, created);
 }
 
-#[tokio::test]
 async fn tenant_names_are_validated() {
     let s = TestServer::start().await;
     for name in [
@@ -299,7 +330,6 @@ async fn tenant_names_are_validated() {
     assert_eq!(list["tenants"].as_array().expect("tenants").len(), 1);
 }
 
-#[tokio::test]
 async fn unknown_and_malformed_tenants_are_404() {
     let s = TestServer::start().await;
     s.create_tenant("acme").await;
@@ -332,7 +362,6 @@ async fn unknown_and_malformed_tenants_are_404() {
     }
 }
 
-#[tokio::test]
 async fn bad_bodies_are_refused_in_the_error_format() {
     let s = TestServer::start().await;
     let tenant = s.tenant("acme").await;
@@ -436,7 +465,6 @@ async fn bad_bodies_are_refused_in_the_error_format() {
 
 // ----- keys -----
 
-#[tokio::test]
 async fn keys_are_created_listed_and_revoked() {
     let s = TestServer::start().await;
     let tenant = s.create_tenant("acme").await;
@@ -517,7 +545,6 @@ async fn keys_are_created_listed_and_revoked() {
     assert_eq!(list["keys"], json!([]));
 }
 
-#[tokio::test]
 async fn key_scopes_and_names_are_validated() {
     let s = TestServer::start().await;
     let tenant = s.create_tenant("acme").await;
@@ -546,7 +573,6 @@ async fn key_scopes_and_names_are_validated() {
     assert_eq!(list["keys"], json!([]));
 }
 
-#[tokio::test]
 async fn node_keys_are_created_listed_and_revoked() {
     let s = TestServer::start().await;
     let tenant = s.tenant("acme").await;
@@ -603,7 +629,6 @@ async fn node_keys_are_created_listed_and_revoked() {
 
 // ----- TOTP -----
 
-#[tokio::test]
 async fn enrolment_has_safe_defaults() {
     let s = TestServer::start().await;
     let tenant = s.tenant("acme").await;
@@ -630,7 +655,6 @@ async fn enrolment_has_safe_defaults() {
     assert_ne!(again.id, factor.id);
 }
 
-#[tokio::test]
 async fn enrolment_takes_parameters() {
     let s = TestServer::start().await;
     let tenant = s.tenant("acme").await;
@@ -686,7 +710,6 @@ async fn enrolment_takes_parameters() {
     s.activate(&tenant.manage, "bob", &sha512).await;
 }
 
-#[tokio::test]
 async fn qr_codes_come_as_svg_or_png() {
     let s = TestServer::start().await;
     let tenant = s.tenant("acme").await;
@@ -709,7 +732,6 @@ async fn qr_codes_come_as_svg_or_png() {
     assert_error(&got, StatusCode::BAD_REQUEST, "invalid_parameter");
 }
 
-#[tokio::test]
 async fn invalid_totp_parameters_are_400() {
     let s = TestServer::start().await;
     let tenant = s.tenant("acme").await;
@@ -744,7 +766,6 @@ async fn invalid_totp_parameters_are_400() {
     assert_error(&got, StatusCode::NOT_FOUND, "not_found");
 }
 
-#[tokio::test]
 async fn user_ids_are_validated() {
     let s = TestServer::start().await;
     let tenant = s.tenant("acme").await;
@@ -785,7 +806,6 @@ async fn user_ids_are_validated() {
     }
 }
 
-#[tokio::test]
 async fn activation_checks_the_code_once() {
     let s = TestServer::start().await;
     let tenant = s.tenant("acme").await;
@@ -840,7 +860,6 @@ async fn activation_checks_the_code_once() {
     assert_error(&got, StatusCode::CONFLICT, "factor_already_active");
 }
 
-#[tokio::test]
 async fn a_code_two_steps_away_is_refused() {
     let s = TestServer::start().await;
     let tenant = s.tenant("acme").await;
@@ -862,7 +881,6 @@ async fn a_code_two_steps_away_is_refused() {
     }
 }
 
-#[tokio::test]
 async fn pending_factors_expire_after_ten_minutes() {
     let s = TestServer::start().await;
     let tenant = s.tenant("acme").await;
@@ -897,7 +915,6 @@ async fn pending_factors_expire_after_ten_minutes() {
     assert_error(&got, StatusCode::NOT_FOUND, "not_found");
 }
 
-#[tokio::test]
 async fn a_user_holds_at_most_five_factors() {
     let s = TestServer::start().await;
     let tenant = s.tenant("acme").await;
@@ -934,7 +951,6 @@ async fn a_user_holds_at_most_five_factors() {
     assert_eq!(list["factors"].as_array().expect("factors").len(), 5);
 }
 
-#[tokio::test]
 async fn listing_factors_never_shows_a_secret() {
     let s = TestServer::start().await;
     let tenant = s.tenant("acme").await;
@@ -975,7 +991,6 @@ async fn listing_factors_never_shows_a_secret() {
     assert_eq!(factors[1]["expires_at"], "2023-11-14T22:23:20.001Z");
 }
 
-#[tokio::test]
 async fn factors_and_users_are_deleted() {
     let s = TestServer::start().await;
     let tenant = s.tenant("acme").await;
@@ -1023,7 +1038,6 @@ async fn factors_and_users_are_deleted() {
 
 // ----- backup codes, unlock -----
 
-#[tokio::test]
 async fn backup_codes_are_generated_and_replaced() {
     let s = TestServer::start().await;
     let tenant = s.tenant("acme").await;
@@ -1100,7 +1114,6 @@ async fn backup_codes_are_generated_and_replaced() {
     assert_error(&got, StatusCode::BAD_REQUEST, "invalid_user");
 }
 
-#[tokio::test]
 async fn unlock_needs_a_known_user() {
     let s = TestServer::start().await;
     let tenant = s.tenant("acme").await;
@@ -1145,7 +1158,6 @@ async fn audit_all(s: &TestServer, token: &str, query: &str) -> Vec<Value> {
     }
 }
 
-#[tokio::test]
 async fn every_change_is_audited_without_secrets() {
     let s = TestServer::start().await;
     let acme = s.create_tenant("acme").await;
@@ -1330,7 +1342,6 @@ async fn every_change_is_audited_without_secrets() {
 
 // ----- tenant isolation -----
 
-#[tokio::test]
 async fn another_tenants_users_look_missing() {
     let s = TestServer::start().await;
     let a = s.tenant("a").await;
@@ -1423,7 +1434,6 @@ async fn another_tenants_users_look_missing() {
 
 // ----- routes and operations -----
 
-#[tokio::test]
 async fn unknown_routes_and_methods_answer_in_json() {
     let s = TestServer::start().await;
     for path in ["/", "/v1", "/v1/nothing", "/v2/tenants", "/v1/users/alice"] {
@@ -1450,7 +1460,6 @@ async fn unknown_routes_and_methods_answer_in_json() {
     }
 }
 
-#[tokio::test]
 async fn health_readiness_and_metrics() {
     let s = TestServer::start().await;
     let (status, body) = s.call(Method::GET, "/healthz", None, None).await;
@@ -1489,7 +1498,6 @@ async fn health_readiness_and_metrics() {
 
 // ----- races -----
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_activations_succeed_once() {
     let s = std::sync::Arc::new(TestServer::start().await);
     let tenant = s.tenant("acme").await;
@@ -1522,7 +1530,6 @@ async fn concurrent_activations_succeed_once() {
     assert_eq!(s.head().await, 2, "one tenant, one activation");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_enrolments_respect_the_limit() {
     let s = std::sync::Arc::new(TestServer::start().await);
     let tenant = s.tenant("acme").await;
@@ -1546,7 +1553,6 @@ async fn concurrent_enrolments_respect_the_limit() {
     assert_eq!(list["factors"].as_array().expect("factors").len(), 5);
 }
 
-#[tokio::test]
 async fn enrolment_body_must_be_json_when_present() {
     let server = TestServer::start().await;
     let tenant = server.tenant("acme").await;
@@ -1569,7 +1575,6 @@ async fn enrolment_body_must_be_json_when_present() {
     assert_eq!(got.1["digits"], 6);
 }
 
-#[tokio::test]
 async fn five_wrong_activation_codes_cancel_the_enrolment() {
     let server = TestServer::start().await;
     let tenant = server.tenant("acme").await;
@@ -1596,7 +1601,6 @@ async fn five_wrong_activation_codes_cancel_the_enrolment() {
     server.active_factor(&tenant.manage, "alice").await;
 }
 
-#[tokio::test]
 async fn names_too_long_for_a_qr_code_are_a_bad_request() {
     let server = TestServer::start().await;
     let tenant = server.tenant("acme").await;

@@ -15,6 +15,19 @@ use serde_json::json;
 use twofold_control::state::Clock;
 use twofold_core::feed::{Change, ChangeLine, Entity, EntityKey, Op, SnapshotLine, StateDigest};
 
+suite! {
+    a_snapshot_carries_the_replicated_state_and_its_digest,
+    changes_stream_in_order_and_follow_new_commits,
+    an_idle_stream_sends_heartbeats,
+    bad_change_queries_are_400,
+    compacted_changes_are_gone,
+    open_streams_are_counted_and_end_at_shutdown,
+    a_revoked_node_key_loses_its_open_stream,
+    ; multi_thread:
+    concurrent_writes_reach_the_feed_exactly_once_in_order,
+    a_snapshot_during_writes_plus_later_changes_is_the_final_state,
+}
+
 /// A tenant with users in every state the feed knows, and a few that it must
 /// not see (a pending factor, a manage-only key, a node key, a revoked key).
 async fn populate(s: &TestServer) -> Populated {
@@ -76,7 +89,6 @@ fn kinds(entities: &BTreeMap<EntityKey, Entity>) -> BTreeMap<&'static str, usize
     kinds
 }
 
-#[tokio::test]
 async fn a_snapshot_carries_the_replicated_state_and_its_digest() {
     let s = TestServer::start().await;
     let empty = s.snapshot(OPERATOR).await;
@@ -191,7 +203,6 @@ async fn a_snapshot_carries_the_replicated_state_and_its_digest() {
     }
 }
 
-#[tokio::test]
 async fn changes_stream_in_order_and_follow_new_commits() {
     let s = TestServer::start().await;
     let p = populate(&s).await;
@@ -323,7 +334,6 @@ async fn changes_stream_in_order_and_follow_new_commits() {
     assert_eq!(stream.next_change().await, change);
 }
 
-#[tokio::test]
 async fn an_idle_stream_sends_heartbeats() {
     let (clock, handle) = twofold_control::state::Clock::manual(common::START_MS);
     let s = TestServer::start_with(clock, Some(handle), |config| {
@@ -339,7 +349,6 @@ async fn an_idle_stream_sends_heartbeats() {
     }
 }
 
-#[tokio::test]
 async fn bad_change_queries_are_400() {
     let s = TestServer::start().await;
     for query in ["", "?after=", "?after=-1", "?after=x", "?after=0&bogus=1"] {
@@ -471,7 +480,6 @@ async fn run_writers(
     all
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_writes_reach_the_feed_exactly_once_in_order() {
     let s = Arc::new(TestServer::start().await);
     let tenant = s.tenant("acme").await;
@@ -531,7 +539,6 @@ async fn concurrent_writes_reach_the_feed_exactly_once_in_order() {
     assert_eq!(digest["digest"], replica.digest().to_hex());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_snapshot_during_writes_plus_later_changes_is_the_final_state() {
     let s = Arc::new(TestServer::start().await);
     let tenant = s.tenant("acme").await;
@@ -575,7 +582,6 @@ async fn a_snapshot_during_writes_plus_later_changes_is_the_final_state() {
     assert_eq!(reported["count"], replica.entities.len());
 }
 
-#[tokio::test]
 async fn compacted_changes_are_gone() {
     let s = TestServer::start().await;
     let tenant = s.tenant("acme").await;
@@ -587,9 +593,17 @@ async fn compacted_changes_are_gone() {
     let log = s.state.store.log_id().to_owned();
 
     // Keep the last three changes.
-    let dropped = s.state.store.compact(3, 0).expect("compact");
+    let dropped = s
+        .with_store(|store| store.compact(3, 0))
+        .await
+        .expect("compact");
     assert_eq!(dropped, 7);
-    assert_eq!(s.state.store.compacted_through().expect("compacted"), 7);
+    assert_eq!(
+        s.with_store(|store| store.compacted_through())
+            .await
+            .expect("compacted"),
+        7
+    );
     for after in [0, 1, 6] {
         let got = s
             .get(&format!("/v1/feed/changes?after={after}"), OPERATOR)
@@ -637,12 +651,16 @@ async fn compacted_changes_are_gone() {
     s.advance(Duration::from_secs(60));
     s.backup_codes(&tenant.manage, "late").await;
     let dropped = s
-        .state
-        .store
-        .compact(1_000, common::START_MS + 1)
+        .with_store(|store| store.compact(1_000, common::START_MS + 1))
+        .await
         .expect("compact by age");
     assert_eq!(dropped, 3);
-    assert_eq!(s.state.store.compacted_through().expect("compacted"), head);
+    assert_eq!(
+        s.with_store(|store| store.compacted_through())
+            .await
+            .expect("compacted"),
+        head
+    );
     let got = s
         .get(&format!("/v1/feed/changes?after={}", head - 1), OPERATOR)
         .await;
@@ -658,12 +676,13 @@ async fn compacted_changes_are_gone() {
 
     // Even keeping nothing by count, the newest change stays, so a node one
     // change behind can still resume.
-    s.state
-        .store
-        .compact(0, i64::MAX)
+    s.with_store(|store| store.compact(0, i64::MAX))
+        .await
         .expect("compact everything");
     assert_eq!(
-        s.state.store.compacted_through().expect("compacted"),
+        s.with_store(|store| store.compacted_through())
+            .await
+            .expect("compacted"),
         head + 1
     );
     let mut stream = s.changes(OPERATOR, head + 1).await;
@@ -686,7 +705,6 @@ fn subscribers(metrics: &str) -> Option<i64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-#[tokio::test]
 async fn open_streams_are_counted_and_end_at_shutdown() {
     let mut s = TestServer::start().await;
     s.create_tenant("acme").await;
@@ -716,7 +734,6 @@ async fn open_streams_are_counted_and_end_at_shutdown() {
     assert_eq!(first.next_within(common::WAIT).await, None);
 }
 
-#[tokio::test]
 async fn a_revoked_node_key_loses_its_open_stream() {
     let server = TestServer::start_with(Clock::system(), None, |config| {
         config.heartbeat = Duration::from_millis(100);

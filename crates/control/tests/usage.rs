@@ -8,6 +8,13 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use twofold_core::feed::{Entity, SnapshotLine};
 
+suite! {
+    reports_merge_and_retries_change_nothing,
+    failures_from_several_nodes_combine_into_a_throttle,
+    reports_are_validated_and_may_exceed_the_default_body_limit,
+    strict_backup_code_use_is_accepted_once,
+}
+
 fn event(id: u64, body: Value) -> Value {
     let mut event = body;
     event["id"] = json!(id);
@@ -27,7 +34,6 @@ async fn entities(server: &TestServer) -> Vec<Entity> {
         .collect()
 }
 
-#[tokio::test]
 async fn reports_merge_and_retries_change_nothing() {
     let server = TestServer::start().await;
     let tenant = server.tenant("acme").await;
@@ -119,7 +125,6 @@ async fn reports_merge_and_retries_change_nothing() {
     assert_eq!(failures, Some(0));
 }
 
-#[tokio::test]
 async fn failures_from_several_nodes_combine_into_a_throttle() {
     let server = TestServer::start().await;
     let tenant = server.tenant("acme").await;
@@ -161,7 +166,6 @@ async fn failures_from_several_nodes_combine_into_a_throttle() {
     assert_eq!(listed["failures"], 6);
 }
 
-#[tokio::test]
 async fn reports_are_validated_and_may_exceed_the_default_body_limit() {
     let server = TestServer::start().await;
     let tenant = server.tenant("acme").await;
@@ -200,7 +204,6 @@ async fn reports_are_validated_and_may_exceed_the_default_body_limit() {
     assert_eq!(ack["through"], 900);
 }
 
-#[tokio::test]
 async fn strict_backup_code_use_is_accepted_once() {
     let server = TestServer::start().await;
     let tenant = server.tenant("acme").await;

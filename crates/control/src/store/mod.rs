@@ -896,7 +896,8 @@ impl Store {
         self.read(|conn| {
             conn.query(
                 "SELECT id, at_ms, actor, tenant, action, user_id, target FROM audit
-                 WHERE id > ?1 AND (?2 IS NULL OR tenant = ?2) AND (?3 IS NULL OR user_id = ?3)
+                 WHERE id > ?1 AND (CAST(?2 AS TEXT) IS NULL OR tenant = ?2)
+                   AND (CAST(?3 AS TEXT) IS NULL OR user_id = ?3)
                  ORDER BY id LIMIT ?4",
                 args![after, tenant, user, limit as i64],
                 |r| {

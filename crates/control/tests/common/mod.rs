@@ -40,6 +40,8 @@ pub struct TestServer {
     /// The manual clock's handle, if the server runs on one.
     pub clock: Option<Arc<AtomicI64>>,
     pub dir: TempDir,
+    /// The PostgreSQL schema the server runs on, dropped with the server.
+    pub pg: Option<PgSchema>,
     shutdown: CancellationToken,
     server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -48,6 +50,146 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// Which database a test's server runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+tokio::task_local! {
+    static BACKEND: Backend;
+}
+
+/// The database of the test running on this task (SQLite outside [`on`]).
+pub fn backend() -> Backend {
+    BACKEND.try_with(|b| *b).unwrap_or(Backend::Sqlite)
+}
+
+/// The PostgreSQL server tests may use, from `TWOFOLD_TEST_DATABASE_URL`.
+pub fn pg_url() -> Option<String> {
+    std::env::var("TWOFOLD_TEST_DATABASE_URL")
+        .ok()
+        .filter(|url| !url.is_empty())
+}
+
+/// Say once per test binary, past the output capture, that PostgreSQL tests are
+/// skipped.
+pub fn skip_postgres() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipping the PostgreSQL tests: TWOFOLD_TEST_DATABASE_URL is not set"
+        );
+    });
+}
+
+/// Run `test` with its servers on `backend`. A PostgreSQL run without a test
+/// database is skipped.
+pub async fn on(backend: Backend, test: impl std::future::Future<Output = ()>) {
+    if backend == Backend::Postgres && pg_url().is_none() {
+        skip_postgres();
+        return;
+    }
+    BACKEND.scope(backend, test).await;
+}
+
+/// Run each listed `async fn` once per database: as `sqlite::NAME` and
+/// `postgres::NAME`. Functions under `multi_thread` get a 4-thread runtime.
+#[macro_export]
+macro_rules! suite {
+    ($($name:ident),* $(,)? $(; multi_thread: $($mt:ident),* $(,)?)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    $crate::common::on($crate::common::Backend::Sqlite, super::$name()).await;
+                }
+            )*
+            $($(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $mt() {
+                    $crate::common::on($crate::common::Backend::Sqlite, super::$mt()).await;
+                }
+            )*)?
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    $crate::common::on($crate::common::Backend::Postgres, super::$name()).await;
+                }
+            )*
+            $($(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $mt() {
+                    $crate::common::on($crate::common::Backend::Postgres, super::$mt()).await;
+                }
+            )*)?
+        }
+    };
+}
+
+/// A schema of its own on the test PostgreSQL server, dropped with it.
+#[derive(Debug)]
+pub struct PgSchema {
+    pub name: String,
+    /// The test server's URL, with this schema as the search path.
+    pub url: String,
+    base: String,
+}
+
+impl PgSchema {
+    pub async fn create() -> PgSchema {
+        let base = pg_url().expect("TWOFOLD_TEST_DATABASE_URL");
+        let name = unique_name();
+        let separator = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{separator}options=-c%20search_path%3D{name}");
+        let (admin, schema) = (base.clone(), name.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut client = postgres::Client::connect(&admin, postgres::NoTls)
+                .expect("connect to TWOFOLD_TEST_DATABASE_URL");
+            client
+                .batch_execute(&format!("CREATE SCHEMA {schema}"))
+                .expect("create schema");
+        })
+        .await
+        .expect("create task");
+        PgSchema { name, url, base }
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let (admin, schema) = (self.base.clone(), self.name.clone());
+        // A blocking client may not run on an async thread: use one of its own.
+        let dropped = std::thread::spawn(move || {
+            let mut client = postgres::Client::connect(&admin, postgres::NoTls)?;
+            client.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop test schema {}", self.name);
+        }
+    }
+}
+
+/// A schema name no other test, in this process or another, is using.
+fn unique_name() -> String {
+    use std::sync::atomic::AtomicU64;
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!(
+        "tf_{}_{}_{nanos}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
 }
 
 /// A tenant with a `manage` key.
@@ -94,13 +236,31 @@ impl TestServer {
         tune: impl FnOnce(&mut Config),
     ) -> TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
-        let store = Store::open(&dir.path().join("control.db")).expect("open store");
+        let (store, pg) = match backend() {
+            Backend::Sqlite => (
+                Store::open(&dir.path().join("control.db")).expect("open store"),
+                None,
+            ),
+            Backend::Postgres => {
+                let schema = PgSchema::create().await;
+                let url = schema.url.clone();
+                let store = tokio::task::spawn_blocking(move || Store::open_postgres(&url))
+                    .await
+                    .expect("open task")
+                    .expect("open store on PostgreSQL");
+                (store, Some(schema))
+            }
+        };
         let mut config = Config::new(Keyring::new(MasterKey::generate().expect("master key")));
         config.operator_token = Some(OPERATOR.to_owned());
         tune(&mut config);
         let shutdown = CancellationToken::new();
         let state = AppState::new(store, config, clock, shutdown.clone());
-        twofold_control::server::ensure_operator_token(&state).expect("operator token");
+        let setup = state.clone();
+        tokio::task::spawn_blocking(move || twofold_control::server::ensure_operator_token(&setup))
+            .await
+            .expect("setup task")
+            .expect("operator token");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let server = tokio::spawn(twofold_control::serve(listener, state.clone()));
@@ -110,6 +270,7 @@ impl TestServer {
             state,
             clock: handle,
             dir,
+            pg,
             shutdown,
             server: Some(server),
         }
@@ -124,6 +285,17 @@ impl TestServer {
             .expect("the server stops within the deadline")
             .expect("the server task")
             .expect("the server ends cleanly");
+    }
+
+    /// Call the store directly, off the async threads as the server does.
+    pub async fn with_store<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> T + Send + 'static,
+    ) -> T {
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || f(&state.store))
+            .await
+            .expect("store task")
     }
 
     pub fn db_path(&self) -> std::path::PathBuf {
