@@ -27,7 +27,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const POLL: Duration = Duration::from_secs(1);
 
 /// Any key; it only has to be the same for every replica.
-const MIGRATION_LOCK: i64 = 0x7477_6f66_6f6c_64;
+const MIGRATION_LOCK: i64 = 0x0074_776f_666f_6c64;
 
 /// Open connections for reuse. A connection is taken for one store call and
 /// given back after; one that broke is dropped, so a restarted database is

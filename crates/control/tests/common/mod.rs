@@ -145,21 +145,28 @@ pub struct PgSchema {
 
 impl PgSchema {
     pub async fn create() -> PgSchema {
+        tokio::task::spawn_blocking(PgSchema::create_blocking)
+            .await
+            .expect("create task")
+    }
+
+    /// [`PgSchema::create`], for a test that runs no async code.
+    pub fn create_blocking() -> PgSchema {
         let base = pg_url().expect("TWOFOLD_TEST_DATABASE_URL");
         let name = unique_name();
         let separator = if base.contains('?') { '&' } else { '?' };
         let url = format!("{base}{separator}options=-c%20search_path%3D{name}");
-        let (admin, schema) = (base.clone(), name.clone());
-        tokio::task::spawn_blocking(move || {
-            let mut client = postgres::Client::connect(&admin, postgres::NoTls)
-                .expect("connect to TWOFOLD_TEST_DATABASE_URL");
-            client
-                .batch_execute(&format!("CREATE SCHEMA {schema}"))
-                .expect("create schema");
-        })
-        .await
-        .expect("create task");
-        PgSchema { name, url, base }
+        let schema = PgSchema { name, url, base };
+        schema
+            .admin()
+            .batch_execute(&format!("CREATE SCHEMA {}", schema.name))
+            .expect("create schema");
+        schema
+    }
+
+    /// A blocking client on this schema.
+    pub fn admin(&self) -> postgres::Client {
+        postgres::Client::connect(&self.url, postgres::NoTls).expect("connect to the test schema")
     }
 }
 
