@@ -29,6 +29,8 @@ pub struct Metrics {
     lag_seconds: Gauge<f64, AtomicU64>,
     bootstraps: Gauge<u64, AtomicU64>,
     resumes: Gauge<u64, AtomicU64>,
+    changes_applied: Gauge<u64, AtomicU64>,
+    out_of_order: Gauge<u64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -44,6 +46,8 @@ impl Default for Metrics {
         let lag_seconds = Gauge::<f64, AtomicU64>::default();
         let bootstraps = Gauge::<u64, AtomicU64>::default();
         let resumes = Gauge::<u64, AtomicU64>::default();
+        let changes_applied = Gauge::<u64, AtomicU64>::default();
+        let out_of_order = Gauge::<u64, AtomicU64>::default();
         registry.register(
             "verifications",
             "Verifications by outcome",
@@ -89,6 +93,16 @@ impl Default for Metrics {
             "Change streams resumed since start",
             resumes.clone(),
         );
+        registry.register(
+            "changes_applied",
+            "Changes applied from change streams since start",
+            changes_applied.clone(),
+        );
+        registry.register(
+            "feed_out_of_order",
+            "Change batches refused since start for a skipped or repeated seq",
+            out_of_order.clone(),
+        );
         Metrics {
             registry,
             verifications,
@@ -100,6 +114,8 @@ impl Default for Metrics {
             lag_seconds,
             bootstraps,
             resumes,
+            changes_applied,
+            out_of_order,
         }
     }
 }
@@ -121,6 +137,10 @@ impl Metrics {
         self.lag_seconds.set(since);
         self.bootstraps.set(sync.bootstraps.load(Ordering::SeqCst));
         self.resumes.set(sync.resumes.load(Ordering::SeqCst));
+        self.changes_applied
+            .set(sync.changes_applied.load(Ordering::SeqCst));
+        self.out_of_order
+            .set(sync.out_of_order.load(Ordering::SeqCst));
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -39,6 +39,10 @@ pub struct SyncStatus {
     pub ready: AtomicBool,
     pub bootstraps: AtomicU64,
     pub resumes: AtomicU64,
+    /// Changes applied from change streams (not snapshots).
+    pub changes_applied: AtomicU64,
+    /// Batches refused because a seq was skipped or repeated.
+    pub out_of_order: AtomicU64,
 }
 
 /// Shared node state. Handlers reach it through an `Arc`.

@@ -305,10 +305,20 @@ async fn tail(
         if changes.is_empty() {
             continue;
         }
-        let prepared = check_batch(applied, &changes)?;
+        let prepared = match check_batch(applied, &changes) {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                if matches!(e, SyncError::OutOfOrder { .. }) {
+                    node.sync.out_of_order.fetch_add(1, Ordering::SeqCst);
+                }
+                return Err(e);
+            }
+        };
         let last = changes.last().map_or(applied, |c| c.seq);
+        let count = changes.len() as u64;
         with_replica(replica, move |r| r.apply(&changes)).await?;
         node.index().apply(prepared);
+        node.sync.changes_applied.fetch_add(count, Ordering::SeqCst);
         applied = last;
         node.sync.head.fetch_max(last, Ordering::SeqCst);
         node.set_applied(last);

@@ -24,6 +24,10 @@
 // Each test binary uses a different part of this module.
 #![allow(dead_code)]
 
+#[path = "../../../control/tests/common/pg.rs"]
+mod pg;
+pub use pg::{PgSchema, pg_url, skip_postgres};
+
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{BufRead, BufReader, Read};
