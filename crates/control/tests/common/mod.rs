@@ -25,6 +25,7 @@ use twofold_core::seal::{Keyring, MasterKey};
 
 #[path = "pg.rs"]
 mod pg;
+#[allow(unused_imports)]
 pub use pg::{PgSchema, pg_url, skip_postgres};
 
 /// The operator token every test server accepts.

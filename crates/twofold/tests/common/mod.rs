@@ -26,6 +26,7 @@
 
 #[path = "../../../control/tests/common/pg.rs"]
 mod pg;
+#[allow(unused_imports)]
 pub use pg::{PgSchema, pg_url, skip_postgres};
 
 use std::collections::VecDeque;
