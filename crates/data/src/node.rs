@@ -63,6 +63,29 @@ pub struct Node {
     pub shutdown: CancellationToken,
 }
 
+/// The one client for talking to control planes. With `control_ca` set, only
+/// its certificates are trusted for `https://` URLs.
+fn feed_client(config: &Config) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT);
+    if let Some(path) = &config.control_ca {
+        let pem = std::fs::read(path).map_err(|e| {
+            format!(
+                "cannot read the control-plane CA file {}: {e}",
+                path.display()
+            )
+        })?;
+        let roots = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("invalid control-plane CA file {}: {e}", path.display()))?;
+        if roots.is_empty() {
+            return Err(format!("no certificate in {}", path.display()));
+        }
+        builder = builder.tls_certs_only(roots);
+    }
+    builder
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))
+}
+
 /// Wall-clock Unix milliseconds: only the edges read the clock.
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -102,10 +125,7 @@ impl Node {
             })
             .collect();
         replay_local(&index, &stored, covered);
-        let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let http = feed_client(&config)?;
         let node = Node {
             config,
             index: RwLock::new(Arc::new(index)),
