@@ -19,6 +19,11 @@ use crate::verify::Verifier;
 /// How long a connection to a control plane may take to open.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long an idle connection to a control plane is kept for reuse: below the
+/// control plane's header-read timeout (`twofold_serve`, 10 s), which also
+/// closes kept-alive connections, so a report rarely meets one just closed.
+const POOL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Usage-event ids: the next one, and those handed out but not yet passed to
 /// the outbox. Attempts number their events under their shard lock but reach the
 /// outbox later, so ids can arrive there out of order.
@@ -66,7 +71,9 @@ pub struct Node {
 /// The one client for talking to control planes. With `control_ca` set, only
 /// its certificates are trusted for `https://` URLs.
 fn feed_client(config: &Config) -> Result<reqwest::Client, String> {
-    let mut builder = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT);
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT);
     if let Some(path) = &config.control_ca {
         let pem = std::fs::read(path).map_err(|e| {
             format!(
