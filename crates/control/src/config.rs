@@ -40,6 +40,8 @@ pub struct Config {
     pub default_issuer: String,
     /// Applied when merging data planes' failure reports; must match theirs.
     pub throttle: ThrottlePolicy,
+    /// TLS and connection limits of the HTTP server.
+    pub http: twofold_serve::Config,
 }
 
 impl Config {
@@ -56,6 +58,7 @@ impl Config {
             body_limit: DEFAULT_BODY_LIMIT,
             default_issuer: DEFAULT_ISSUER.to_owned(),
             throttle: ThrottlePolicy::default(),
+            http: twofold_serve::Config::default(),
         }
     }
 }
@@ -78,6 +81,7 @@ impl std::fmt::Debug for Config {
             .field("body_limit", &self.body_limit)
             .field("default_issuer", &self.default_issuer)
             .field("throttle", &self.throttle)
+            .field("http", &self.http)
             .finish()
     }
 }

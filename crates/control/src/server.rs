@@ -1,5 +1,5 @@
 //! Running the control plane: operator token set-up, log compaction in the
-//! background, and the HTTP server with graceful shutdown.
+//! background, and the HTTP(S) server (`twofold_serve`) with graceful shutdown.
 
 use tokio::net::TcpListener;
 use twofold_core::secret::random_token;
@@ -59,15 +59,15 @@ async fn compact_forever(state: AppState) {
     }
 }
 
-/// Serve the control plane on `listener` until `state.shutdown` is cancelled,
-/// then finish in-flight requests and return.
+/// Serve the control plane on `listener` (HTTPS if `config.http` has a
+/// certificate) until `state.shutdown` is cancelled, then finish in-flight
+/// requests and return.
 pub async fn serve(listener: TcpListener, state: AppState) -> std::io::Result<()> {
     let compactor = tokio::spawn(compact_forever(state.clone()));
     let shutdown = state.shutdown.clone();
     tracing::info!(addr = %listener.local_addr()?, head = state.store.head(), "control plane listening");
-    let result = axum::serve(listener, api::app(state))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
+    let http = state.config.http.clone();
+    let result = twofold_serve::serve(listener, api::app(state), &http, shutdown).await;
     compactor.abort();
     result
 }

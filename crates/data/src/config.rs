@@ -42,6 +42,11 @@ pub struct Config {
     /// failing closed while it is down. Off by default: availability first.
     pub strict_backup_codes: bool,
     pub strict_timeout: Duration,
+    /// PEM bundle whose certificates are the only roots trusted for `https://`
+    /// control URLs; the system's roots when `None`.
+    pub control_ca: Option<PathBuf>,
+    /// TLS and connection limits of the HTTP server.
+    pub http: twofold_serve::Config,
 }
 
 impl Config {
@@ -65,6 +70,8 @@ impl Config {
             max_line: DEFAULT_MAX_LINE,
             strict_backup_codes: false,
             strict_timeout: DEFAULT_STRICT_TIMEOUT,
+            control_ca: None,
+            http: twofold_serve::Config::default(),
         }
     }
 }
@@ -86,6 +93,8 @@ impl std::fmt::Debug for Config {
             .field("max_line", &self.max_line)
             .field("strict_backup_codes", &self.strict_backup_codes)
             .field("strict_timeout", &self.strict_timeout)
+            .field("control_ca", &self.control_ca)
+            .field("http", &self.http)
             .finish()
     }
 }

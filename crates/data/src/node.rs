@@ -19,6 +19,11 @@ use crate::verify::Verifier;
 /// How long a connection to a control plane may take to open.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long an idle connection to a control plane is kept for reuse: below the
+/// control plane's header-read timeout (`twofold_serve`, 10 s), which also
+/// closes kept-alive connections, so a report rarely meets one just closed.
+const POOL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Usage-event ids: the next one, and those handed out but not yet passed to
 /// the outbox. Attempts number their events under their shard lock but reach the
 /// outbox later, so ids can arrive there out of order.
@@ -67,6 +72,31 @@ pub struct Node {
     pub shutdown: CancellationToken,
 }
 
+/// The one client for talking to control planes. With `control_ca` set, only
+/// its certificates are trusted for `https://` URLs.
+fn feed_client(config: &Config) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT);
+    if let Some(path) = &config.control_ca {
+        let pem = std::fs::read(path).map_err(|e| {
+            format!(
+                "cannot read the control-plane CA file {}: {e}",
+                path.display()
+            )
+        })?;
+        let roots = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("invalid control-plane CA file {}: {e}", path.display()))?;
+        if roots.is_empty() {
+            return Err(format!("no certificate in {}", path.display()));
+        }
+        builder = builder.tls_certs_only(roots);
+    }
+    builder
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))
+}
+
 /// Wall-clock Unix milliseconds: only the edges read the clock.
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -106,10 +136,7 @@ impl Node {
             })
             .collect();
         replay_local(&index, &stored, covered);
-        let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let http = feed_client(&config)?;
         let node = Node {
             config,
             index: RwLock::new(Arc::new(index)),

@@ -24,7 +24,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
-    #[error("request failed: {0}")]
+    #[error("request failed: {}", crate::sync::error_chain(.0))]
     Http(#[from] reqwest::Error),
     #[error("control plane answered {0}")]
     Status(StatusCode),

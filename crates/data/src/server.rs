@@ -52,7 +52,8 @@ pub fn load(
     Ok((node, replica))
 }
 
-/// Serve a loaded node on `listener` until `node.shutdown` is cancelled.
+/// Serve a loaded node on `listener` (HTTPS if `config.http` has a certificate)
+/// until `node.shutdown` is cancelled.
 pub async fn serve(
     listener: TcpListener,
     node: Arc<Node>,
@@ -62,9 +63,8 @@ pub async fn serve(
     let reporter = tokio::spawn(report::run(node.clone()));
     let shutdown = node.shutdown.clone();
     tracing::info!(addr = %listener.local_addr()?, "data plane listening");
-    let result = axum::serve(listener, api::app(node))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
+    let http = node.config.http.clone();
+    let result = twofold_serve::serve(listener, api::app(node), &http, shutdown).await;
     let _ = syncer.await;
     let _ = reporter.await;
     result

@@ -27,13 +27,26 @@ const SNAPSHOT_BATCH: usize = 10_000;
 /// Header naming the change log (see docs/feed.md).
 const LOG_HEADER: &str = "twofold-log-id";
 
+/// An error with all its causes, `outer: inner: ...`: reqwest's own message
+/// names only the URL, while the reason (a refused certificate, say) is below.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
     #[error("the feed no longer holds the changes after our seq")]
     Gone,
     #[error("control plane answered {0}")]
     Status(StatusCode),
-    #[error("request failed: {0}")]
+    #[error("request failed: {}", error_chain(.0))]
     Http(#[from] reqwest::Error),
     #[error("no line from the control plane for {0:?}")]
     Silent(Duration),

@@ -147,10 +147,11 @@ pub(crate) fn cancel_on_signal(token: CancellationToken) {
 }
 
 /// Say on stdout where a plane listens, in one stable line (`twofold <plane>
-/// listening on http://ADDR`), so scripts and tests can use port 0.
-fn announce(plane: &str, listener: &TcpListener) -> anyhow::Result<()> {
+/// listening on http://ADDR`, or `https://`), so scripts and tests can use port 0.
+fn announce(plane: &str, listener: &TcpListener, tls: bool) -> anyhow::Result<()> {
+    let scheme = if tls { "https" } else { "http" };
     println!(
-        "twofold {plane} listening on http://{}",
+        "twofold {plane} listening on {scheme}://{}",
         listener.local_addr()?
     );
     Ok(())
@@ -175,6 +176,7 @@ async fn run_control(
     let keyring = keyfile::load_keyring(&common.data_dir, common.master_key_file.as_deref())?;
     let shutdown = CancellationToken::new();
     let listen = control.listen;
+    let tls = control.tls.is_some();
     let (state, token) = tokio::task::block_in_place(|| {
         planes::control(
             &common.data_dir,
@@ -192,7 +194,7 @@ async fn run_control(
         );
     }
     let listener = bind(listen).await?;
-    announce("control", &listener)?;
+    announce("control", &listener, tls)?;
     cancel_on_signal(shutdown);
     twofold_control::serve(listener, state).await?;
     Ok(())
@@ -207,10 +209,11 @@ async fn run_data(common: CommonArgs, args: DataArgs) -> anyhow::Result<()> {
     let keyring = keyfile::load_keyring(&common.data_dir, common.master_key_file.as_deref())?;
     let shutdown = CancellationToken::new();
     let listen = data.listen;
+    let tls = data.tls.is_some();
     let (node, replica) =
         planes::data(&common.data_dir, keyring, data, throttle, shutdown.clone())?;
     let listener = bind(listen).await?;
-    announce("data", &listener)?;
+    announce("data", &listener, tls)?;
     cancel_on_signal(shutdown);
     twofold_data::server::serve(listener, node, replica).await?;
     Ok(())

@@ -54,6 +54,7 @@ pub fn control(
     let mut config = ControlConfig::new(keyring);
     config.operator_token = settings.operator_token;
     config.throttle = throttle;
+    config.http.tls = settings.tls;
     if let Some(keep) = settings.retain_changes {
         config.retain_changes = keep;
     }
@@ -93,5 +94,7 @@ pub fn data(
     config.throttle = throttle;
     config.strict_backup_codes = settings.strict_backup_codes;
     config.skew = settings.skew;
+    config.control_ca = settings.control_ca;
+    config.http.tls = settings.tls;
     twofold_data::server::load(config, shutdown).context("cannot load the replica")
 }

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use twofold_control::store::Database;
 use twofold_core::otp::Skew;
 use twofold_core::throttle::ThrottlePolicy;
+use twofold_serve::Tls;
 
 pub const DEFAULT_DATA_DIR: &str = "./twofold-data";
 pub const DEFAULT_CONTROL_LISTEN: &str = "127.0.0.1:7070";
@@ -76,6 +77,22 @@ pub struct ControlArgs {
     /// two limits above no longer keep; the first runs at start [default: 60].
     #[arg(long, env = "TWOFOLD_COMPACT_EVERY_SECS")]
     pub compact_every_secs: Option<u64>,
+
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// Serving HTTPS; both or neither.
+#[derive(Debug, Args, Default)]
+pub struct TlsArgs {
+    /// PEM certificate chain (leaf first) to serve HTTPS with; needs --tls-key.
+    /// Without both, the plane serves plain HTTP.
+    #[arg(long, env = "TWOFOLD_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+    #[arg(long, env = "TWOFOLD_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Data-plane settings.
@@ -107,6 +124,14 @@ pub struct DataArgs {
     /// 0 to 10 [default: 1].
     #[arg(long, env = "TWOFOLD_SKEW_STEPS")]
     pub skew_steps: Option<u8>,
+
+    /// PEM bundle of the CA certificates to trust for https:// control URLs,
+    /// instead of the system's roots.
+    #[arg(long, env = "TWOFOLD_CONTROL_CA")]
+    pub control_ca: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub tls: TlsArgs,
 
     #[command(flatten)]
     pub throttle: ThrottleArgs,
@@ -157,6 +182,8 @@ struct ControlFile {
     retain_changes: Option<u64>,
     retain_secs: Option<u64>,
     compact_every_secs: Option<u64>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -168,6 +195,9 @@ struct DataFile {
     node_token: Option<String>,
     strict_backup_codes: Option<bool>,
     skew_steps: Option<u8>,
+    control_ca: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -240,12 +270,38 @@ pub fn up(
     )
 }
 
+/// The certificate and key to serve HTTPS with, from flags, environment and
+/// file; `None` for plain HTTP. One without the other is an error.
+fn tls(
+    args: &TlsArgs,
+    file_cert: Option<&PathBuf>,
+    file_key: Option<&PathBuf>,
+) -> anyhow::Result<Option<Tls>> {
+    let cert = args.tls_cert.as_ref().or(file_cert);
+    let key = args.tls_key.as_ref().or(file_key);
+    match (cert, key) {
+        (None, None) => Ok(None),
+        (Some(cert), Some(key)) => Ok(Some(
+            Tls::from_pem_files(cert, key).context("cannot set up TLS")?,
+        )),
+        (Some(_), None) => bail!(
+            "a TLS certificate was given without its key: give --tls-key (TWOFOLD_TLS_KEY) too, \
+             or neither for plain HTTP"
+        ),
+        (None, Some(_)) => bail!(
+            "a TLS key was given without its certificate: give --tls-cert (TWOFOLD_TLS_CERT) too, \
+             or neither for plain HTTP"
+        ),
+    }
+}
+
 /// Control-plane settings, resolved.
 #[derive(Debug)]
 pub struct Control {
     pub listen: SocketAddr,
     /// `None`: SQLite in the data directory.
     pub database: Option<Database>,
+    pub tls: Option<Tls>,
     pub operator_token: Option<String>,
     pub retain_changes: Option<u64>,
     pub retain_age: Option<Duration>,
@@ -271,6 +327,11 @@ pub fn control(args: &ControlArgs, file: &File) -> anyhow::Result<Control> {
             .listen
             .or(file.control.listen)
             .unwrap_or_else(|| default_addr(DEFAULT_CONTROL_LISTEN)),
+        tls: tls(
+            &args.tls,
+            file.control.tls_cert.as_ref(),
+            file.control.tls_key.as_ref(),
+        )?,
         operator_token,
         database: args
             .database
@@ -290,6 +351,8 @@ pub fn control(args: &ControlArgs, file: &File) -> anyhow::Result<Control> {
 #[derive(Debug)]
 pub struct Data {
     pub listen: SocketAddr,
+    pub tls: Option<Tls>,
+    pub control_ca: Option<PathBuf>,
     pub control_urls: Vec<String>,
     pub node_token: Option<String>,
     pub strict_backup_codes: bool,
@@ -304,6 +367,15 @@ pub fn data(args: &DataArgs, file: &File) -> anyhow::Result<Data> {
             .listen
             .or(file.data.listen)
             .unwrap_or_else(|| default_addr(DEFAULT_DATA_LISTEN)),
+        tls: tls(
+            &args.tls,
+            file.data.tls_cert.as_ref(),
+            file.data.tls_key.as_ref(),
+        )?,
+        control_ca: args
+            .control_ca
+            .clone()
+            .or_else(|| file.data.control_ca.clone()),
         control_urls: if args.control_urls.is_empty() {
             file.data.control_urls.clone()
         } else {

@@ -278,6 +278,8 @@ pub async fn run(
     let shutdown = CancellationToken::new();
     let control_settings = settings::Control {
         listen: control_listen,
+        // `up` is the local first try: plain HTTP on loopback by default.
+        tls: None,
         operator_token: operator_token.clone(),
         database: None,
         retain_changes: None,
@@ -325,6 +327,8 @@ pub async fn run(
     };
     let data_settings = settings::Data {
         listen: data_listen,
+        tls: None,
+        control_ca: None,
         control_urls: vec![control_url.clone()],
         node_token: Some(node_token),
         strict_backup_codes: false,

@@ -3,7 +3,7 @@
 //! driven and checked through HTTP only.
 //!
 //! - [`Process`] starts the binary, reads its `twofold <plane> listening on
-//!   http://ADDR` line within a deadline, drains its output in background threads
+//!   http://ADDR` (or `https://`) line within a deadline, drains its output in background threads
 //!   (keeping the last lines for failure reports), and can `kill` (SIGKILL),
 //!   `terminate` (SIGTERM) and `restart` it. It is SIGKILLed on drop, so a failing
 //!   or panicking test leaves no process behind.
@@ -187,6 +187,8 @@ pub struct Process {
     kept: Option<u16>,
     child: Option<Child>,
     addr: Option<SocketAddr>,
+    /// `http` or `https`, as the process announced.
+    scheme: &'static str,
     readers: Vec<JoinHandle<()>>,
     log: Log,
     /// Successful starts.
@@ -223,6 +225,7 @@ impl Process {
             kept: None,
             child: None,
             addr: None,
+            scheme: "http",
             readers: Vec::new(),
             log: Arc::new(Mutex::new(VecDeque::new())),
             starts: 0,
@@ -250,9 +253,9 @@ impl Process {
             .unwrap_or_else(|| panic!("the {} process is not running", self.plane))
     }
 
-    /// `http://ADDR`.
+    /// `http://ADDR` or `https://ADDR`.
     pub fn base(&self) -> String {
-        format!("http://{}", self.addr())
+        format!("{}://{}", self.scheme, self.addr())
     }
 
     /// The port this process keeps across restarts, if it keeps one.
@@ -349,7 +352,8 @@ impl Process {
                 (Port::Pick, None) => *self.kept.insert(free_port()),
             };
             match self.spawn_once(port).await {
-                Ok(addr) => {
+                Ok((scheme, addr)) => {
+                    self.scheme = scheme;
                     self.addr = Some(addr);
                     self.starts += 1;
                     return;
@@ -369,7 +373,7 @@ impl Process {
         }
     }
 
-    async fn spawn_once(&mut self, port: u16) -> Result<SocketAddr, Failure> {
+    async fn spawn_once(&mut self, port: u16) -> Result<(&'static str, SocketAddr), Failure> {
         let mut command = Command::new(env!("CARGO_BIN_EXE_twofold"));
         command
             .arg(self.plane)
@@ -392,10 +396,10 @@ impl Process {
             .stderr(Stdio::piped());
         let mut child = command.spawn().map_err(|e| Failure::Spawn(e.to_string()))?;
         self.launches += 1;
-        let (tx, rx) = tokio::sync::oneshot::channel::<SocketAddr>();
+        let (tx, rx) = tokio::sync::oneshot::channel::<(&'static str, SocketAddr)>();
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
-        let prefix = format!("twofold {} listening on http://", self.plane);
+        let prefix = format!("twofold {} listening on ", self.plane);
         let tag = format!("{}#{}", self.plane, self.launches);
         self.readers.push(reader(
             stdout,
@@ -411,7 +415,7 @@ impl Process {
         ));
         self.child = Some(child);
         match tokio::time::timeout(START_WAIT, rx).await {
-            Ok(Ok(addr)) => Ok(addr),
+            Ok(Ok(announced)) => Ok(announced),
             Ok(Err(_)) => {
                 self.kill();
                 let busy = format!("[{tag} err]");
@@ -445,24 +449,37 @@ enum Failure {
     Silent,
 }
 
+/// `http://ADDR` or `https://ADDR` as (scheme, address).
+fn parse_announced(url: &str) -> Option<(&'static str, SocketAddr)> {
+    let (scheme, addr) = if let Some(addr) = url.strip_prefix("https://") {
+        ("https", addr)
+    } else {
+        ("http", url.strip_prefix("http://")?)
+    };
+    Some((scheme, addr.trim().parse().ok()?))
+}
+
 /// Drain `stream` line by line into `log` until EOF; if `announce` is given,
-/// send the address of the first line starting with its prefix.
+/// send the scheme and address of the first line starting with its prefix.
 fn reader(
     stream: impl Read + Send + 'static,
     tag: String,
     log: Log,
-    announce: Option<(String, tokio::sync::oneshot::Sender<SocketAddr>)>,
+    announce: Option<(
+        String,
+        tokio::sync::oneshot::Sender<(&'static str, SocketAddr)>,
+    )>,
 ) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let mut announce = announce;
         for line in BufReader::new(stream).lines() {
             let Ok(line) = line else { break };
             if let Some((prefix, _)) = &announce
-                && let Some(addr) = line.strip_prefix(prefix.as_str())
-                && let Ok(addr) = addr.trim().parse::<SocketAddr>()
+                && let Some(url) = line.strip_prefix(prefix.as_str())
+                && let Some(announced) = parse_announced(url)
                 && let Some((_, tx)) = announce.take()
             {
-                let _ = tx.send(addr);
+                let _ = tx.send(announced);
             }
             push_log(&log, format!("{tag} {line}"));
         }
