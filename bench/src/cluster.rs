@@ -29,6 +29,8 @@ pub struct Options {
     pub server_log: String,
     /// Parent of the temporary working directory.
     pub work_dir: Option<PathBuf>,
+    /// The control plane's `--database`; `None` for SQLite in its directory.
+    pub database: Option<String>,
 }
 
 /// The credentials a scenario uses.
@@ -130,7 +132,15 @@ impl Cluster {
                 path_arg(&self.control_dir()),
                 "--listen".into(),
                 "127.0.0.1:0".into(),
-            ],
+            ]
+            .into_iter()
+            .chain(
+                self.options
+                    .database
+                    .iter()
+                    .flat_map(|url| ["--database".to_owned(), url.clone()]),
+            )
+            .collect(),
             envs,
             cpus: self.control_cpus.clone(),
             ready_prefix: "twofold control listening on http://".into(),

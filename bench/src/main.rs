@@ -113,6 +113,7 @@ fn main() -> anyhow::Result<()> {
             twofold,
             server_log: cli.global.server_log.clone(),
             work_dir: cli.global.work_dir.clone(),
+            database: None,
         },
         client_threads,
     };
