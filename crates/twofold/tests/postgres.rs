@@ -8,7 +8,14 @@
 //! The outage is made by a TCP proxy between the control plane and PostgreSQL
 //! that the test cuts and restores: to the control plane it is the database
 //! going away (connections reset, new ones refused) and coming back, without
-//! stopping the shared PostgreSQL service other tests use.
+//! stopping the shared PostgreSQL service other tests use. To stop and start the
+//! real service instead, name its cluster and run that test alone:
+//!
+//! ```sh
+//! TWOFOLD_TEST_PG_CLUSTER="15 main" cargo test -p twofold --test postgres outage
+//! ```
+//!
+//! which runs `pg_ctlcluster 15 main stop` and `... start` around the outage.
 
 mod common;
 
@@ -200,6 +207,71 @@ fn host_span(url: &str) -> (usize, usize) {
     (start, end)
 }
 
+/// How the test takes the database away: the proxy, or the real service.
+enum Outage {
+    Proxy(Proxy),
+    /// `pg_ctlcluster` version and name, from `TWOFOLD_TEST_PG_CLUSTER`.
+    Service(Vec<String>),
+}
+
+impl Outage {
+    async fn start(url: &str) -> Outage {
+        match std::env::var("TWOFOLD_TEST_PG_CLUSTER") {
+            Ok(cluster) if !cluster.trim().is_empty() => {
+                Outage::Service(cluster.split_whitespace().map(str::to_owned).collect())
+            }
+            _ => Outage::Proxy(Proxy::start(target_of(url)).await),
+        }
+    }
+
+    /// The URL the control plane should use.
+    fn url(&self, url: &str) -> String {
+        match self {
+            Outage::Proxy(proxy) => through(url, proxy.addr),
+            Outage::Service(_) => url.to_owned(),
+        }
+    }
+
+    fn pg_ctlcluster(cluster: &[String], action: &str) {
+        let status = std::process::Command::new("pg_ctlcluster")
+            .args(cluster)
+            .arg(action)
+            .status()
+            .expect("run pg_ctlcluster");
+        assert!(
+            status.success(),
+            "pg_ctlcluster {cluster:?} {action}: {status}"
+        );
+    }
+
+    fn cut(&self) {
+        match self {
+            Outage::Proxy(proxy) => proxy.cut(),
+            Outage::Service(cluster) => Outage::pg_ctlcluster(cluster, "stop"),
+        }
+    }
+
+    fn restore(&self) {
+        match self {
+            Outage::Proxy(proxy) => proxy.restore(),
+            Outage::Service(cluster) => Outage::pg_ctlcluster(cluster, "start"),
+        }
+    }
+}
+
+impl Drop for Outage {
+    fn drop(&mut self) {
+        // Never leave the shared service stopped, even when the test failed
+        // half-way; starting a running cluster only complains.
+        if let Outage::Service(cluster) = self {
+            let _ = std::process::Command::new("pg_ctlcluster")
+                .args(cluster.iter())
+                .arg("start")
+                .status();
+        }
+    }
+}
+
 /// `url` with its `host:port` replaced by `addr`.
 fn through(url: &str, addr: SocketAddr) -> String {
     let (start, end) = host_span(url);
@@ -226,12 +298,9 @@ async fn data_planes_verify_through_a_database_outage_and_the_control_plane_heal
         return;
     }
     let schema = PgSchema::create().await;
-    let proxy = Proxy::start(target_of(&schema.url)).await;
-    let control = ControlPlane::start_with(
-        new_master_key(),
-        database_args(&through(&schema.url, proxy.addr)),
-    )
-    .await;
+    let outage = Outage::start(&schema.url).await;
+    let control =
+        ControlPlane::start_with(new_master_key(), database_args(&outage.url(&schema.url))).await;
     let tenant = control.tenant("acme").await;
     let node_key = control.create_node_key().await;
     let factor = control.active_factor(&tenant.manage.secret, "alice").await;
@@ -239,7 +308,7 @@ async fn data_planes_verify_through_a_database_outage_and_the_control_plane_heal
     let data = control.data_plane(&node_key.secret).await;
     data.wait_synced(&control).await;
 
-    proxy.cut();
+    outage.cut();
     // The control plane answers 503 in the error format, promptly.
     let began = Instant::now();
     let (status, body) = control
@@ -277,7 +346,7 @@ async fn data_planes_verify_through_a_database_outage_and_the_control_plane_heal
 
     // Back: ready again, writes go through, data planes follow, and the usage
     // of the outage is merged.
-    proxy.restore();
+    outage.restore();
     wait_for("the control plane to be ready again", WAIT, || async {
         (control.get("/readyz", OPERATOR).await.0 == StatusCode::OK).then_some(())
     })
