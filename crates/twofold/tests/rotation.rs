@@ -209,13 +209,6 @@ impl Verifier {
         self.accepted.load(Ordering::SeqCst)
     }
 
-    fn failures(&self) -> Vec<String> {
-        self.failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
     /// Wait until `more` further verifications passed.
     async fn wait_more(&self, more: usize) {
         let target = self.accepted() + more;
@@ -285,7 +278,7 @@ async fn verification_never_stops_while_the_control_plane_rotates_its_key() {
     let verifier = Verifier::start(
         data.base(),
         tenant.verify.secret.clone(),
-        factors.iter().cloned().collect(),
+        factors.to_vec(),
         users
             .iter()
             .cloned()
