@@ -16,6 +16,13 @@ pub const DEFAULT_RETAIN_CHANGES: u64 = 1_000_000;
 pub const DEFAULT_RETAIN_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How often the change log is compacted (the first pass runs at start).
 pub const DEFAULT_COMPACT_EVERY: Duration = Duration::from_secs(60);
+/// Factors re-sealed per write transaction after a key rotation. Each
+/// re-sealed active factor is one op of that batch's change (a few hundred
+/// bytes), so a batch stays far below a data plane's 1 MiB line limit.
+pub const DEFAULT_RESEAL_BATCH: usize = 500;
+/// How long re-sealing waits before another pass when a pass could not finish
+/// (a secret it cannot open, or the database out of reach).
+pub const DEFAULT_RESEAL_RETRY: Duration = Duration::from_secs(30);
 /// How often an idle change stream says it is alive.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 /// Largest request body accepted.
@@ -36,6 +43,9 @@ pub struct Config {
     /// How often compaction applies the two limits above; must not be zero.
     pub compact_every: Duration,
     pub heartbeat: Duration,
+    /// Factors per re-sealing transaction; at least 1.
+    pub reseal_batch: usize,
+    pub reseal_retry: Duration,
     pub body_limit: usize,
     pub default_issuer: String,
     /// Applied when merging data planes' failure reports; must match theirs.
@@ -55,6 +65,8 @@ impl Config {
             retain_age: DEFAULT_RETAIN_AGE,
             compact_every: DEFAULT_COMPACT_EVERY,
             heartbeat: DEFAULT_HEARTBEAT,
+            reseal_batch: DEFAULT_RESEAL_BATCH,
+            reseal_retry: DEFAULT_RESEAL_RETRY,
             body_limit: DEFAULT_BODY_LIMIT,
             default_issuer: DEFAULT_ISSUER.to_owned(),
             throttle: ThrottlePolicy::default(),
@@ -78,6 +90,8 @@ impl std::fmt::Debug for Config {
             .field("retain_age", &self.retain_age)
             .field("compact_every", &self.compact_every)
             .field("heartbeat", &self.heartbeat)
+            .field("reseal_batch", &self.reseal_batch)
+            .field("reseal_retry", &self.reseal_retry)
             .field("body_limit", &self.body_limit)
             .field("default_issuer", &self.default_issuer)
             .field("throttle", &self.throttle)

@@ -7,6 +7,8 @@
 //! - [`api`]: the HTTP API under `/v1` ([`api::app`] builds the router), including
 //!   the feed that data planes replicate from.
 //! - [`auth`]: the operator token and API keys with scopes.
+//! - [`reseal`]: after a master-key rotation, re-sealing every TOTP secret
+//!   under the active key, in the background and through the change log.
 //! - [`config`], [`state`], [`error`], [`metrics`]: settings, shared handler
 //!   state, the one HTTP error type, Prometheus metrics.
 //!
@@ -17,6 +19,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod metrics;
+pub mod reseal;
 pub mod server;
 pub mod state;
 pub mod store;

@@ -1,5 +1,5 @@
-//! Running the control plane: operator token set-up, log compaction in the
-//! background, and the HTTP(S) server (`twofold_serve`) with graceful shutdown.
+//! Running the control plane: operator token set-up, log compaction and
+//! re-sealing (`crate::reseal`) in the background, and the HTTP(S) server (`twofold_serve`) with graceful shutdown.
 
 use tokio::net::TcpListener;
 use twofold_core::secret::random_token;
@@ -64,10 +64,12 @@ async fn compact_forever(state: AppState) {
 /// requests and return.
 pub async fn serve(listener: TcpListener, state: AppState) -> std::io::Result<()> {
     let compactor = tokio::spawn(compact_forever(state.clone()));
+    let resealer = tokio::spawn(crate::reseal::reseal_forever(state.clone()));
     let shutdown = state.shutdown.clone();
     tracing::info!(addr = %listener.local_addr()?, head = state.store.head(), "control plane listening");
     let http = state.config.http.clone();
     let result = twofold_serve::serve(listener, api::app(state), &http, shutdown).await;
     compactor.abort();
+    resealer.abort();
     result
 }

@@ -331,6 +331,8 @@ pub struct Keyring {
     /// The active key first, then retired keys in the order they were added.
     seal_keys: Vec<SealKey>,
     hash_key: HashKey,
+    /// The id of the key the hash key comes from.
+    primary: KeyId,
 }
 
 impl Keyring {
@@ -340,6 +342,7 @@ impl Keyring {
         Keyring {
             seal_keys: vec![SealKey::derive(&primary)],
             hash_key: HashKey::derive(&primary),
+            primary: primary.id(),
         }
     }
 
@@ -365,6 +368,12 @@ impl Keyring {
     /// The id new blobs are sealed under.
     pub fn active_id(&self) -> KeyId {
         self.seal_keys[0].id
+    }
+
+    /// The id of the primary key, the one the hash key comes from. It stays
+    /// the same across rotations.
+    pub fn primary_id(&self) -> KeyId {
+        self.primary
     }
 
     /// Every key id the keyring can open, the active one first.
@@ -706,6 +715,7 @@ mod tests {
         let before = ring.hash_key().hash("backup-code", b"x");
         let rotated = ring.with_active(MasterKey::generate().unwrap());
         assert_ne!(rotated.active_id(), primary.id());
+        assert_eq!(rotated.primary_id(), primary.id());
         assert_eq!(rotated.hash_key().hash("backup-code", b"x"), before);
         assert_eq!(HashKey::derive(&primary).hash("backup-code", b"x"), before);
     }

@@ -1003,6 +1003,42 @@ mod tests {
     }
 
     #[test]
+    fn a_resealed_put_replaces_the_blob_but_keeps_the_step_accepted_here() {
+        // After a key rotation the control plane publishes each factor again
+        // with a new blob and the last step it knows, which may be behind what
+        // this node accepted since: the code accepted here must stay used.
+        let index = Index::default();
+        index.apply(vec![prepare(&totp("fa_1", Some(10))).unwrap()]);
+        index.with_user("tn_a", "alice", |u| u.accept_step(0, 20));
+        let mut resealed = sealed();
+        resealed[1..5].copy_from_slice(&[0, 0, 0, 2]);
+        resealed[10] = 7;
+        let Op::Put {
+            entity: Entity::Totp(mut record),
+        } = totp("fa_1", Some(10))
+        else {
+            unreachable!()
+        };
+        record.sealed = resealed.clone();
+        let put = Op::Put {
+            entity: Entity::Totp(record),
+        };
+        index.apply(vec![prepare(&put).unwrap()]);
+        let (step, blob) = index
+            .with_user("tn_a", "alice", |u| {
+                let f = u.factors().next().unwrap();
+                (f.last_step, f.sealed.to_vec())
+            })
+            .unwrap();
+        assert_eq!(
+            step,
+            Some(20),
+            "the step accepted here survives the re-seal"
+        );
+        assert_eq!(blob, resealed, "the new blob replaces the old one");
+    }
+
+    #[test]
     fn empty_users_leave_the_index_and_slots_are_reused() {
         let index = Index::default();
         for user in ["alice", "bob", "carol"] {

@@ -66,6 +66,23 @@ enum Command {
         #[command(flatten)]
         data: DataArgs,
     },
+    /// Manage the master keys in the key file.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysAction {
+    /// Append a new master key to the key file; it seals everything new once a
+    /// plane restarts with the file. The first key stays: it keys the hashes of
+    /// API keys and backup codes. Roll the file to the data planes first, then to
+    /// the control plane, which re-seals every secret (see the README).
+    Rotate {
+        #[command(flatten)]
+        common: CommonArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -104,6 +121,23 @@ fn migrate(from: &str, to: &str, overwrite: bool) -> anyhow::Result<()> {
         path.display(),
         copied.head
     );
+    Ok(())
+}
+
+/// `twofold keys rotate`. Prints key ids, never keys.
+fn rotate_keys(common: &CommonArgs) -> anyhow::Result<()> {
+    let file = File::load(common.config.as_deref())?;
+    let common = settings::common(common, &file);
+    let rotated = keyfile::rotate(&common.data_dir, common.master_key_file.as_deref())?;
+    println!(
+        "new master key {} appended to {} ({} keys); it seals everything new once a plane \
+         restarts with this file. The primary key {} stays first: it keys the hashes.",
+        rotated.active,
+        rotated.path.display(),
+        rotated.count,
+        rotated.primary
+    );
+    println!("key id: {}", rotated.active);
     Ok(())
 }
 
@@ -261,5 +295,8 @@ async fn main() -> anyhow::Result<()> {
             throttle,
         } => run_control(common, control, throttle).await,
         Command::Data { common, data } => run_data(common, data).await,
+        Command::Keys {
+            action: KeysAction::Rotate { common },
+        } => rotate_keys(&common),
     }
 }

@@ -51,6 +51,9 @@ pub fn control(
              (--master-key-file or TWOFOLD_MASTER_KEY)"
         );
     }
+    // A keyring that cannot open every stored secret would fail activations and
+    // leave re-sealing undone: refuse it before anything is written.
+    twofold_control::reseal::check_keys(&store, &keyring)?;
     let mut config = ControlConfig::new(keyring);
     config.operator_token = settings.operator_token;
     config.throttle = throttle;

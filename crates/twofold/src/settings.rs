@@ -35,9 +35,10 @@ pub struct CommonArgs {
     #[arg(long, env = "TWOFOLD_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
 
-    /// File holding the base64 master key that seals secrets and keys hashes.
-    /// Created with mode 0600 on first start if missing [default:
-    /// DATA_DIR/master.key]. TWOFOLD_MASTER_KEY may carry the key itself.
+    /// File holding the base64 master keys, one per line: the first keys the
+    /// hashes, the last seals new secrets, all open. Created with one key and
+    /// mode 0600 on first start if missing [default: DATA_DIR/master.key].
+    /// TWOFOLD_MASTER_KEY may carry the keys themselves, comma-separated.
     #[arg(long, env = "TWOFOLD_MASTER_KEY_FILE")]
     pub master_key_file: Option<PathBuf>,
 

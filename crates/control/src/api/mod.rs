@@ -2,6 +2,7 @@
 
 mod audit;
 mod feed;
+mod keys;
 pub mod openapi;
 mod ops;
 mod tenants;
@@ -86,6 +87,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         ))
         .routes(routes!(users::unlock))
         .routes(routes!(audit::page))
+        .routes(routes!(keys::list))
         .routes(routes!(feed::digest))
         .routes({
             // Usage reports carry many events; they get a larger body limit.

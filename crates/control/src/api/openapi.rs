@@ -36,6 +36,7 @@ pub const BEARER: &str = "bearer";
         (name = "node-keys", description = "Keys that data planes replicate with (operator only)"),
         (name = "users", description = "A tenant's users, with a `manage` key"),
         (name = "audit", description = "The audit log"),
+        (name = "keys", description = "Master keys by id, and re-sealing after a rotation (operator only)"),
         (name = "feed", description = "What data planes replicate from (operator or `replicate` key)"),
         (name = "ops", description = "Liveness, readiness, metrics and this document; no credentials"),
     ),

@@ -14,6 +14,7 @@
 
 mod entities;
 mod feed;
+mod keys;
 pub mod migrate;
 mod pg;
 mod sql;
@@ -390,10 +391,7 @@ impl Store {
             let value = f(&mut write)?;
             let Write { mut tx, ops } = write;
             if let Some(audit) = audit {
-                tx.execute(
-                    "INSERT INTO audit (at_ms, actor, tenant, action, user_id, target) VALUES (?, ?, ?, ?, ?, ?)",
-                    args![now_ms, actor.as_str(), audit.tenant, audit.action, audit.user, audit.target],
-                )?;
+                insert_audit(&mut tx, now_ms, actor, &audit)?;
             }
             let mut new_head = None;
             if !ops.is_empty() {
@@ -973,6 +971,20 @@ fn migrate_sqlite(conn: &mut Connection) -> Result<()> {
         tx.pragma_update(None, "user_version", (i + 1) as i64)?;
     }
     tx.commit()?;
+    Ok(())
+}
+
+/// Append one audit record.
+fn insert_audit(
+    tx: &mut Conn<'_, '_>,
+    now_ms: i64,
+    actor: &Actor,
+    audit: &AuditEntry<'_>,
+) -> Result<()> {
+    tx.execute(
+        "INSERT INTO audit (at_ms, actor, tenant, action, user_id, target) VALUES (?, ?, ?, ?, ?, ?)",
+        args![now_ms, actor.as_str(), audit.tenant, audit.action, audit.user, audit.target],
+    )?;
     Ok(())
 }
 

@@ -323,6 +323,18 @@ impl Process {
         self.launch().await;
     }
 
+    /// Set (or replace) an environment variable for the next start, as an
+    /// operator changes a unit's environment before restarting it.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.envs.retain(|(k, _)| k != key);
+        self.envs.push((key.to_owned(), value.to_owned()));
+    }
+
+    /// The arguments after the subcommand (without `--listen`).
+    pub fn args(&self) -> &[String] {
+        &self.args
+    }
+
     /// Start again if stopped; nothing if running.
     pub async fn ensure_started(&mut self) {
         if !self.is_running() {
@@ -684,6 +696,11 @@ impl Totp {
             period: body["period"].as_u64().expect("period"),
             last_step: Mutex::new(None),
         }
+    }
+
+    /// The last step this app gave a code for, if any.
+    pub fn last_used_step(&self) -> Option<u64> {
+        *self.last_step.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn now_step(&self) -> u64 {
