@@ -62,6 +62,7 @@ const CONTROL_ROUTES: &[(&str, &str, Access)] = &[
     ("POST", "/v1/node-keys", Access::Operator),
     ("GET", "/v1/node-keys", Access::Operator),
     ("DELETE", "/v1/node-keys/{key}", Access::Operator),
+    ("GET", "/v1/keys", Access::Operator),
     ("DELETE", "/v1/users/{user}", Access::Manage),
     ("POST", "/v1/users/{user}/totp", Access::Manage),
     (
@@ -402,7 +403,7 @@ async fn cross_tenant_control(w: &World, findings: &mut Findings) {
             // Operator routes: A's key is refused the same about B and about
             // nothing (scopes are checked in `wrong_scopes`); through tenant A's
             // paths, the operator cannot reach B's keys.
-            "/v1/tenants" | "/v1/node-keys" => {
+            "/v1/tenants" | "/v1/node-keys" | "/v1/keys" => {
                 let reply = call(route.to_owned(), manage).await;
                 findings.refused(&what, &reply, StatusCode::FORBIDDEN, "forbidden");
                 if method == "GET" {
