@@ -176,7 +176,11 @@ async fn poll(
     let mut conn = Conn::new(addr);
     let mut seen: Vec<(Instant, u64)> = Vec::new();
     let mut polls = 0u64;
-    while !stop.load(Ordering::Relaxed) {
+    let mut last_round = false;
+    while !last_round {
+        // One more poll after `stop`: the plane may have applied the last
+        // change after this poller's previous look, seen only by `wait_synced`.
+        last_round = stop.load(Ordering::Relaxed);
         if let Ok(Some(applied)) = cluster::data_applied(&mut conn).await {
             polls += 1;
             if seen.last().is_none_or(|(_, last)| applied > *last) {
