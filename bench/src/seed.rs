@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, TransactionBehavior, params};
 use twofold_core::feed::{Entity, Op, TotpRecord};
 use twofold_core::ids::FactorId;
 use twofold_core::seal::{Binding, Keyring};
@@ -69,7 +69,7 @@ pub fn insert_factors(
     {
         // label = the user id (the default account name); issuer = the default.
         let mut insert = tx.prepare(
-            "INSERT INTO totp_factors (id, tenant, user, label, issuer, algorithm, digits, period, \
+            "INSERT INTO totp_factors (id, tenant, user_id, label, issuer, algorithm, digits, period, \
              sealed, status, created_ms, expires_ms, activated_ms, last_step) \
              VALUES (?1, ?2, ?3, ?3, 'Twofold', 'SHA1', 6, 30, ?4, 'active', ?5, NULL, ?5, NULL)",
         )?;
@@ -101,18 +101,14 @@ pub fn insert_factors(
             }
         }
     }
-    // One change, as a mutation would commit: the next seq from `meta.head`,
-    // carrying the full state of the last factor (a put is idempotent).
-    let head: u64 = tx
-        .query_row("SELECT value FROM meta WHERE key = 'head'", [], |r| {
-            r.get::<_, String>(0)
-        })
-        .optional()?
-        .map(|v| v.parse())
-        .transpose()
-        .context("meta head is not a number")?
-        .unwrap_or(0);
-    let seq = head + 1;
+    // One change, as a mutation would commit: the next seq from the counter
+    // row, carrying the full state of the last factor (a put is idempotent).
+    let seq: i64 = tx.query_row(
+        "UPDATE log_head SET seq = seq + 1 WHERE id = 0 RETURNING seq",
+        [],
+        |r| r.get(0),
+    )?;
+    let seq = seq as u64;
     let ops: Vec<Op> = last
         .map(|record| Op::Put {
             entity: Entity::Totp(record),
@@ -122,11 +118,6 @@ pub fn insert_factors(
     tx.execute(
         "INSERT INTO changes (seq, at_ms, ops) VALUES (?, ?, ?)",
         params![seq as i64, now_ms, serde_json::to_string(&ops)?],
-    )?;
-    tx.execute(
-        "INSERT INTO meta (key, value) VALUES ('head', ?) \
-         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        [seq.to_string()],
     )?;
     tx.commit()?;
     conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
