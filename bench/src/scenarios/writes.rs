@@ -39,10 +39,13 @@ pub async fn run(env: &Env, args: &WritesArgs) -> anyhow::Result<()> {
 }
 
 async fn run_on(env: &Env, args: &WritesArgs, database: Option<String>) -> anyhow::Result<()> {
-    let engine = if database.is_some() {
-        "PostgreSQL"
+    let (engine, how) = if database.is_some() {
+        (
+            "PostgreSQL",
+            "one replica; writes serialised on the log_head row",
+        )
     } else {
-        "SQLite"
+        ("SQLite", "synchronous=FULL, one write connection")
     };
     println!("\n== writes: control-plane enrolments/s (enrol + activate), {engine}");
     let mut options = env.cluster_options();
@@ -96,11 +99,6 @@ async fn run_on(env: &Env, args: &WritesArgs, database: Option<String>) -> anyho
             percent(cpu.first().copied().flatten()),
         ]);
     }
-    let how = if engine == "SQLite" {
-        "synchronous=FULL, one write connection"
-    } else {
-        "one replica; writes serialised on the log_head row"
-    };
     println!("\n{engine} ({how})\n{}", table.render());
     println!("writes/s counts the two transactions of an enrolment (enrol, activate)");
     Ok(())

@@ -33,6 +33,17 @@ async fn until_closed(stream: &mut TcpStream) -> (String, Duration) {
     }
 }
 
+/// The server still answers a well-behaved client.
+async fn assert_still_serving(server: &TestServer) {
+    let reply = server
+        .client
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(reply.status(), 200);
+}
+
 fn addr(server: &TestServer) -> String {
     server.base.trim_start_matches("http://").to_owned()
 }
@@ -68,13 +79,7 @@ async fn a_client_trickling_its_headers_is_disconnected() {
     );
     assert!(closed < Duration::from_secs(2), "closed late: {closed:?}");
 
-    let reply = server
-        .client
-        .get(server.url("/healthz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(reply.status(), 200);
+    assert_still_serving(&server).await;
 }
 
 #[tokio::test]
@@ -89,11 +94,5 @@ async fn an_oversized_head_is_refused() {
     let (got, _) = until_closed(&mut stream).await;
     assert!(got.starts_with("HTTP/1.1 431"), "{got}");
 
-    let reply = server
-        .client
-        .get(server.url("/healthz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(reply.status(), 200);
+    assert_still_serving(&server).await;
 }
