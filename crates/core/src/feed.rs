@@ -95,7 +95,7 @@ pub struct UserStateRecord {
 }
 
 /// One piece of replicated state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Entity {
     Tenant(TenantRecord),
@@ -163,7 +163,7 @@ impl Entity {
 }
 
 /// One operation of a change: the new full state of an entity, or its removal.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
     Put { entity: Entity },
@@ -181,7 +181,7 @@ pub struct Change {
 }
 
 /// One line of `GET /v1/feed/changes`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ChangeLine {
     Change(Change),
@@ -192,7 +192,7 @@ pub enum ChangeLine {
 }
 
 /// One line of `GET /v1/feed/snapshot`: a header, entities, then a trailer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum SnapshotLine {
     /// The snapshot holds the state as of `seq`; tail the changes after it.
@@ -208,6 +208,25 @@ pub enum SnapshotLine {
         count: u64,
         digest: String,
     },
+}
+
+const ENTITY_LINE_START: &[u8] = br#"{"type":"entity","entity":"#;
+
+impl SnapshotLine {
+    /// Append the line of an entity given by its canonical bytes: the JSON of
+    /// `SnapshotLine::Entity`, without serialising the entity again.
+    pub fn write_entity_line(canonical: &[u8], out: &mut Vec<u8>) {
+        out.extend_from_slice(ENTITY_LINE_START);
+        out.extend_from_slice(canonical);
+        out.push(b'}');
+    }
+
+    /// The entity's bytes in a line written by [`SnapshotLine::write_entity_line`],
+    /// or `None` for a line of another shape. They are the canonical bytes only
+    /// if the writer sent them so; a snapshot's trailer digest checks that.
+    pub fn entity_bytes(line: &[u8]) -> Option<&[u8]> {
+        line.strip_prefix(ENTITY_LINE_START)?.strip_suffix(b"}")
+    }
 }
 
 /// A runtime event produced on a data plane, reported to the control plane so it
@@ -331,6 +350,266 @@ impl StateDigest {
     }
 }
 
+/// Reading the feed's tagged types with their tag first.
+///
+/// serde's derived code for an internally tagged enum accepts the tag anywhere
+/// in the object, so it first buffers the whole object (every key and value,
+/// allocated) and then reads the variant from that buffer; a change line holding
+/// ops holding entities buffers each level again. The feed's producers write the
+/// tag first (serde's serialiser does), so these types read the tag and then the
+/// rest of the object straight into the variant. An object whose tag is not its
+/// first field is refused.
+mod tag_first {
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    use serde::Deserialize;
+    use serde::de::value::MapAccessDeserializer;
+    use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
+
+    /// An internally tagged type: its tag field, and its value from the tag and
+    /// the rest of the object.
+    pub(super) trait Tagged<'de>: Sized {
+        const TAG: &'static str;
+        /// What the type is, for error messages: "an entity".
+        const EXPECTING: &'static str;
+        type Variant: Deserialize<'de>;
+
+        fn read<A: MapAccess<'de>>(
+            variant: Self::Variant,
+            rest: MapAccessDeserializer<A>,
+        ) -> Result<Self, A::Error>;
+    }
+
+    pub(super) fn deserialize<'de, D, T>(d: D) -> Result<T, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: Tagged<'de>,
+    {
+        d.deserialize_map(TaggedVisitor(PhantomData))
+    }
+
+    struct TaggedVisitor<T>(PhantomData<T>);
+
+    impl<'de, T: Tagged<'de>> Visitor<'de> for TaggedVisitor<T> {
+        type Value = T;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(T::EXPECTING)
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<T, A::Error> {
+            if map.next_key_seed(FieldNamed(T::TAG))? != Some(true) {
+                return Err(de::Error::custom(format_args!(
+                    "expected `{}` as the first field of {}",
+                    T::TAG,
+                    T::EXPECTING
+                )));
+            }
+            let variant = map.next_value()?;
+            T::read(variant, MapAccessDeserializer::new(map))
+        }
+    }
+
+    /// A field name, compared with one name without allocating.
+    struct FieldNamed(&'static str);
+
+    impl<'de> DeserializeSeed<'de> for FieldNamed {
+        type Value = bool;
+
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+
+    impl Visitor<'_> for FieldNamed {
+        type Value = bool;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a field name")
+        }
+
+        fn visit_str<E: de::Error>(self, name: &str) -> Result<bool, E> {
+            Ok(name == self.0)
+        }
+    }
+}
+
+/// The implementations of [`tag_first::Tagged`]: each tag's values, the fields
+/// of struct variants, and how each variant reads the rest of its object.
+mod tagged {
+    use serde::Deserialize;
+    use serde::de::value::MapAccessDeserializer;
+    use serde::de::{Deserializer, MapAccess};
+
+    use super::tag_first::{self, Tagged};
+    use super::{Change, ChangeLine, Entity, EntityKey, Op, SnapshotLine};
+
+    #[derive(Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub(super) enum EntityType {
+        Tenant,
+        ApiKey,
+        Totp,
+        BackupCodes,
+        UserState,
+    }
+
+    impl<'de> Tagged<'de> for Entity {
+        const TAG: &'static str = "type";
+        const EXPECTING: &'static str = "an entity";
+        type Variant = EntityType;
+
+        fn read<A: MapAccess<'de>>(
+            variant: EntityType,
+            rest: MapAccessDeserializer<A>,
+        ) -> Result<Self, A::Error> {
+            Ok(match variant {
+                EntityType::Tenant => Entity::Tenant(Deserialize::deserialize(rest)?),
+                EntityType::ApiKey => Entity::ApiKey(Deserialize::deserialize(rest)?),
+                EntityType::Totp => Entity::Totp(Deserialize::deserialize(rest)?),
+                EntityType::BackupCodes => Entity::BackupCodes(Deserialize::deserialize(rest)?),
+                EntityType::UserState => Entity::UserState(Deserialize::deserialize(rest)?),
+            })
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Entity {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            tag_first::deserialize(d)
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub(super) enum OpType {
+        Put,
+        Delete,
+    }
+
+    #[derive(Deserialize)]
+    struct EntityField {
+        entity: Entity,
+    }
+
+    #[derive(Deserialize)]
+    struct KeyField {
+        key: EntityKey,
+    }
+
+    impl<'de> Tagged<'de> for Op {
+        const TAG: &'static str = "op";
+        const EXPECTING: &'static str = "an op";
+        type Variant = OpType;
+
+        fn read<A: MapAccess<'de>>(
+            variant: OpType,
+            rest: MapAccessDeserializer<A>,
+        ) -> Result<Self, A::Error> {
+            Ok(match variant {
+                OpType::Put => Op::Put {
+                    entity: EntityField::deserialize(rest)?.entity,
+                },
+                OpType::Delete => Op::Delete {
+                    key: KeyField::deserialize(rest)?.key,
+                },
+            })
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Op {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            tag_first::deserialize(d)
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub(super) enum ChangeLineType {
+        Change,
+        Heartbeat,
+    }
+
+    #[derive(Deserialize)]
+    struct HeadField {
+        head: u64,
+    }
+
+    impl<'de> Tagged<'de> for ChangeLine {
+        const TAG: &'static str = "type";
+        const EXPECTING: &'static str = "a change line";
+        type Variant = ChangeLineType;
+
+        fn read<A: MapAccess<'de>>(
+            variant: ChangeLineType,
+            rest: MapAccessDeserializer<A>,
+        ) -> Result<Self, A::Error> {
+            Ok(match variant {
+                ChangeLineType::Change => ChangeLine::Change(Change::deserialize(rest)?),
+                ChangeLineType::Heartbeat => ChangeLine::Heartbeat {
+                    head: HeadField::deserialize(rest)?.head,
+                },
+            })
+        }
+    }
+
+    impl<'de> Deserialize<'de> for ChangeLine {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            tag_first::deserialize(d)
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub(super) enum SnapshotLineType {
+        Begin,
+        Entity,
+        End,
+    }
+
+    #[derive(Deserialize)]
+    struct SeqField {
+        seq: u64,
+    }
+
+    #[derive(Deserialize)]
+    struct EndFields {
+        seq: u64,
+        count: u64,
+        digest: String,
+    }
+
+    impl<'de> Tagged<'de> for SnapshotLine {
+        const TAG: &'static str = "type";
+        const EXPECTING: &'static str = "a snapshot line";
+        type Variant = SnapshotLineType;
+
+        fn read<A: MapAccess<'de>>(
+            variant: SnapshotLineType,
+            rest: MapAccessDeserializer<A>,
+        ) -> Result<Self, A::Error> {
+            Ok(match variant {
+                SnapshotLineType::Begin => SnapshotLine::Begin {
+                    seq: SeqField::deserialize(rest)?.seq,
+                },
+                SnapshotLineType::Entity => SnapshotLine::Entity {
+                    entity: EntityField::deserialize(rest)?.entity,
+                },
+                SnapshotLineType::End => {
+                    let EndFields { seq, count, digest } = EndFields::deserialize(rest)?;
+                    SnapshotLine::End { seq, count, digest }
+                }
+            })
+        }
+    }
+
+    impl<'de> Deserialize<'de> for SnapshotLine {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            tag_first::deserialize(d)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -400,6 +679,91 @@ mod tests {
         };
         let text = serde_json::to_string(&end).unwrap();
         assert_eq!(serde_json::from_str::<SnapshotLine>(&text).unwrap(), end);
+
+        for line in [
+            SnapshotLine::Begin { seq: 9 },
+            SnapshotLine::Entity {
+                entity: tenant("tn_y"),
+            },
+        ] {
+            let text = serde_json::to_string(&line).unwrap();
+            assert_eq!(serde_json::from_str::<SnapshotLine>(&text).unwrap(), line);
+        }
+        let heartbeat = ChangeLine::Heartbeat { head: 11 };
+        let text = serde_json::to_string(&heartbeat).unwrap();
+        assert_eq!(
+            serde_json::from_str::<ChangeLine>(&text).unwrap(),
+            heartbeat
+        );
+    }
+
+    #[test]
+    fn every_entity_round_trips_and_is_tagged_first() {
+        let entities = [
+            tenant("tn_x"),
+            Entity::ApiKey(ApiKeyRecord {
+                id: "key_x".into(),
+                tenant: "tn_x".into(),
+                hash: vec![9; 32],
+                scopes: vec!["verify".into()],
+            }),
+            Entity::BackupCodes(BackupCodesRecord {
+                tenant: "tn_x".into(),
+                user: "alice".into(),
+                set_id: "bs_x".into(),
+                codes: vec![BackupCodeEntry {
+                    hash: vec![1; 32],
+                    used: true,
+                }],
+            }),
+            Entity::UserState(UserStateRecord {
+                tenant: "tn_x".into(),
+                user: "alice".into(),
+                failures: 3,
+                locked: false,
+                throttled_until: Some(1_700_000_030),
+            }),
+        ];
+        for entity in entities {
+            let bytes = entity.canonical_bytes();
+            assert!(bytes.starts_with(br#"{"type":""#), "{bytes:?}");
+            assert_eq!(serde_json::from_slice::<Entity>(&bytes).unwrap(), entity);
+            let mut line = Vec::new();
+            SnapshotLine::write_entity_line(&bytes, &mut line);
+            assert_eq!(SnapshotLine::entity_bytes(&line), Some(&bytes[..]));
+            assert_eq!(
+                line,
+                serde_json::to_vec(&SnapshotLine::Entity { entity }).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn a_tag_after_other_fields_is_refused_with_a_clear_error() {
+        let error = serde_json::from_str::<Entity>(r#"{"id":"tn_x","type":"tenant","name":"a"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("expected `type` as the first field of an entity"),
+            "{error}"
+        );
+        let error = serde_json::from_str::<Op>(
+            r#"{"entity":{"type":"tenant","id":"t","name":"a"},"op":"put"}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("`op` as the first field of an op"),
+            "{error}"
+        );
+        assert_eq!(
+            SnapshotLine::entity_bytes(br#"{"type":"begin","seq":1}"#),
+            None
+        );
+        let error = serde_json::from_str::<Entity>(r#"{"type":"robot","id":"x"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("unknown variant `robot`"), "{error}");
     }
 
     #[test]
@@ -411,6 +775,12 @@ mod tests {
             r#"{"type":"entity","entity":{"type":"totp","id":"x"}}"#,
             r#"{"type":"heartbeat","head":-1}"#,
             r#"{"type":"change","seq":1,"at_ms":0,"ops":[{"op":"put","entity":{"type":"api_key","id":"k","tenant":"t","hash":"!!","scopes":[]}}]}"#,
+            r#"{"type":"teleport","seq":1}"#,
+            r#"{"type":"change","seq":1,"at_ms":0,"ops":[{"op":"move","key":{"type":"tenant","id":"t"}}]}"#,
+            r#"{"type":"change","seq":1,"at_ms":0,"ops":[{"op":"put","entity":{"type":"user","id":"t"}}]}"#,
+            r#"{"type":"change","seq":1,"at_ms":0,"ops":[{"op":"put","entity":{"type":"tenant","id":"t"}}]}"#,
+            r#"{"type":"begin","seq":1,"seq":2}"#,
+            r#"[{"type":"begin","seq":1}]"#,
         ] {
             assert!(serde_json::from_str::<ChangeLine>(bad).is_err(), "{bad}");
             assert!(serde_json::from_str::<SnapshotLine>(bad).is_err(), "{bad}");
