@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
-use twofold_core::feed::{ChangeLine, SnapshotLine};
+use twofold_core::feed::ChangeLine;
 use utoipa::{IntoParams, ToSchema};
 
 use super::ApiQuery;
@@ -97,18 +97,22 @@ pub async fn snapshot(State(state): State<AppState>, caller: Caller) -> Result<R
     tokio::task::spawn_blocking(move || {
         let mut buf = BytesMut::with_capacity(CHUNK);
         let mut open = true;
-        let result = worker.store.snapshot(&mut |line: SnapshotLine| {
-            let last = matches!(line, SnapshotLine::End { .. });
-            push_line(&mut buf, &line);
-            if buf.len() >= CHUNK || last {
+        let result = worker.store.snapshot(&mut |line: &[u8]| {
+            buf.extend_from_slice(line);
+            buf.put_u8(b'\n');
+            if buf.len() >= CHUNK {
                 open = tx.blocking_send(buf.split().freeze()).is_ok();
             }
             open
         });
-        // On an error the stream ends without its trailer, which tells the node
-        // the snapshot is incomplete.
-        if let Err(e) = result {
-            tracing::error!(error = %e, "snapshot failed");
+        match result {
+            Ok(()) if open && !buf.is_empty() => {
+                let _ = tx.blocking_send(buf.freeze());
+            }
+            Ok(()) => {}
+            // On an error the stream ends without its trailer, which tells the
+            // node the snapshot is incomplete.
+            Err(e) => tracing::error!(error = %e, "snapshot failed"),
         }
     });
     Ok(ndjson(&state, rx))

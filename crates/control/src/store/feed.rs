@@ -17,9 +17,9 @@ pub enum FeedPosition {
     Gone,
 }
 
-/// Receives snapshot lines in order; returns `false` to stop early (the client
-/// went away).
-pub type SnapshotSink<'a> = dyn FnMut(SnapshotLine) -> bool + 'a;
+/// Receives the JSON of each snapshot line in order, without its newline;
+/// returns `false` to stop early (the client went away).
+pub type SnapshotSink<'a> = dyn FnMut(&[u8]) -> bool + 'a;
 
 pub(super) fn changes_after(
     conn: &mut Conn<'_, '_>,
@@ -42,24 +42,31 @@ pub(super) fn changes_after(
     )
 }
 
+fn line_json(line: &SnapshotLine) -> Vec<u8> {
+    // Serialising feed types into memory cannot fail.
+    serde_json::to_vec(line).unwrap_or_default()
+}
+
 /// Call `each` with every replicated entity as of the connection's current read
-/// transaction. Stops early, returning `false`, when `each` does.
+/// transaction. Stops early, returning `false`, when `each` does. The order is
+/// the tables' own: the digest does not depend on it, and reading in an index's
+/// order would look up every row through the index.
 fn for_each_entity(conn: &mut Conn<'_, '_>, each: &mut dyn FnMut(Entity) -> bool) -> Result<bool> {
     let complete = conn.for_each(
-        "SELECT id, name, created_ms FROM tenants ORDER BY id",
+        "SELECT id, name, created_ms FROM tenants",
         args![],
         &mut |r| Ok(each(entities::tenant(&entities::tenant_row(r)?))),
     )? && conn.for_each(
         "SELECT id, tenant, name, hash, scopes, created_ms, revoked_ms FROM api_keys
-         WHERE tenant IS NOT NULL AND revoked_ms IS NULL ORDER BY id",
+         WHERE tenant IS NOT NULL AND revoked_ms IS NULL",
         args![],
         &mut |r| Ok(entities::api_key(&entities::key_row(r)?).is_none_or(&mut *each)),
     )? && conn.for_each(
-        &format!("SELECT {FACTOR_COLUMNS} FROM totp_factors WHERE status = 'active' ORDER BY id"),
+        &format!("SELECT {FACTOR_COLUMNS} FROM totp_factors WHERE status = 'active'"),
         args![],
         &mut |r| Ok(each(entities::totp(&entities::factor_row(r)?))),
     )? && conn.for_each(
-        "SELECT tenant, user_id, set_id, codes FROM backup_codes ORDER BY tenant, user_id",
+        "SELECT tenant, user_id, set_id, codes FROM backup_codes",
         args![],
         &mut |r| {
             let codes = entities::parse_codes(&r.get::<String>(3)?)?;
@@ -69,8 +76,7 @@ fn for_each_entity(conn: &mut Conn<'_, '_>, each: &mut dyn FnMut(Entity) -> bool
             Ok(each(entities::backup_codes(&tenant, &user, &set_id, codes)))
         },
     )? && conn.for_each(
-        "SELECT failures, locked, throttled_until, tenant, user_id FROM user_state
-         ORDER BY tenant, user_id",
+        "SELECT failures, locked, throttled_until, tenant, user_id FROM user_state",
         args![],
         &mut |r| {
             let state = entities::user_state_row(r)?;
@@ -105,20 +111,25 @@ impl Store {
         // and the head read first is the seq that state is as of.
         self.read_consistent(|tx| {
             let seq = read_head(tx)?;
-            if !sink(SnapshotLine::Begin { seq }) {
+            if !sink(&line_json(&SnapshotLine::Begin { seq })) {
                 return Ok(());
             }
             let mut digest = StateDigest::default();
+            let mut line = Vec::new();
             let complete = for_each_entity(tx, &mut |entity| {
-                digest.add(&entity);
-                sink(SnapshotLine::Entity { entity })
+                // Serialised once, for the digest and the line.
+                let bytes = entity.canonical_bytes();
+                digest.add_canonical(&bytes);
+                line.clear();
+                SnapshotLine::write_entity_line(&bytes, &mut line);
+                sink(&line)
             })?;
             if complete {
-                sink(SnapshotLine::End {
+                sink(&line_json(&SnapshotLine::End {
                     seq,
                     count: digest.count(),
                     digest: digest.to_hex(),
-                });
+                }));
             }
             Ok(())
         })
