@@ -118,6 +118,10 @@ pub struct FactorRef<'a> {
 #[derive(Debug, Default)]
 pub struct User {
     tenant: u32,
+    /// The low half of the user's key hash (see [`table_hash`]). It fills what
+    /// would be padding after `tenant`, and lets the table grow without reading
+    /// the records or hashing again.
+    hash: u32,
     record: Box<[u8]>,
     backup: Option<Box<BackupSet>>,
     throttle: Option<Box<ThrottleState>>,
@@ -596,15 +600,17 @@ struct Shard {
 
 impl Shard {
     fn find(&self, hash: u64, tenant: u32, user: &str) -> Option<usize> {
+        let short = hash as u32;
         self.table
-            .find(hash, |&i| {
+            .find(table_hash(short), |&i| {
                 let slot = &self.slab[i as usize];
-                slot.tenant == tenant && slot.user_id() == user
+                slot.hash == short && slot.tenant == tenant && slot.user_id() == user
             })
             .map(|&i| i as usize)
     }
 
-    fn insert(&mut self, hash: u64, user: User, hasher: &RandomState) -> usize {
+    fn insert(&mut self, hash: u64, mut user: User) -> usize {
+        user.hash = hash as u32;
         let index = match self.free.pop() {
             Some(i) => {
                 self.slab[i as usize] = user;
@@ -616,22 +622,25 @@ impl Shard {
             }
         };
         let slab = &self.slab;
-        self.table.insert_unique(hash, index as u32, |&i| {
-            let slot = &slab[i as usize];
-            key_hash(hasher, slot.tenant, slot.user_id())
-        });
+        self.table
+            .insert_unique(table_hash(hash as u32), index as u32, |&i| {
+                table_hash(slab[i as usize].hash)
+            });
         index
     }
 
     fn remove(&mut self, hash: u64, index: usize) {
-        if let Ok(entry) = self.table.find_entry(hash, |&i| i as usize == index) {
+        if let Ok(entry) = self
+            .table
+            .find_entry(table_hash(hash as u32), |&i| i as usize == index)
+        {
             entry.remove();
             self.slab[index] = User::default();
             self.free.push(index as u32);
         }
     }
 
-    fn shrink(&mut self, hasher: &RandomState) {
+    fn shrink(&mut self) {
         // Vacant slots at the end can go; others stay on the free list.
         while self.slab.last().is_some_and(|u| u.record.is_empty())
             && let Some(last) = self
@@ -645,10 +654,8 @@ impl Shard {
         self.slab.shrink_to_fit();
         self.free.shrink_to_fit();
         let slab = &self.slab;
-        self.table.shrink_to_fit(|&i| {
-            let slot = &slab[i as usize];
-            key_hash(hasher, slot.tenant, slot.user_id())
-        });
+        self.table
+            .shrink_to_fit(|&i| table_hash(slab[i as usize].hash));
     }
 }
 
@@ -657,6 +664,15 @@ fn key_hash(hasher: &RandomState, tenant: u32, user: &str) -> u64 {
     tenant.hash(&mut h);
     user.hash(&mut h);
     h.finish()
+}
+
+/// A shard's table hashes a user by the low half of its key hash, which the
+/// user's slot keeps, spread over 64 bits: hashbrown places entries by the low
+/// bits and tags them with the top 7, and a multiplication by an odd constant
+/// mixes every bit into the top ones. The shard itself is chosen by bits 32 and
+/// up of the key hash, which this leaves out.
+fn table_hash(short: u32) -> u64 {
+    u64::from(short).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
 /// API keys that may verify, by hash, with the hash of each key id so a key is
@@ -738,7 +754,10 @@ impl Index {
     }
 
     fn shard_of(&self, hash: u64) -> &Mutex<Shard> {
-        &self.shards[(hash >> 60) as usize % SHARDS]
+        // Bits the shard's table does not use (see `table_hash`): choosing by
+        // bits it uses would make every user of a shard share them, clustering
+        // the buckets or making the tags useless.
+        &self.shards[(hash >> 32) as usize % SHARDS]
     }
 
     /// Run `f` on a user, with the user's shard locked; `None` for a user the
@@ -770,7 +789,7 @@ impl Index {
                     record: encode(user, &[]),
                     ..User::default()
                 };
-                shard.insert(hash, fresh, &self.hasher)
+                shard.insert(hash, fresh)
             }
         };
         f(&mut shard.slab[index]);
@@ -840,7 +859,7 @@ impl Index {
     /// Give back memory left over from growing, once a bulk load is done.
     pub fn shrink(&self) {
         for shard in self.shards.iter() {
-            lock(shard).shrink(&self.hasher);
+            lock(shard).shrink();
         }
     }
 
@@ -890,6 +909,13 @@ mod tests {
     use twofold_core::feed::{ApiKeyRecord, TotpRecord, UserStateRecord};
 
     use super::*;
+
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn a_user_slot_keeps_its_hash_in_what_was_padding() {
+        // tenant and hash (8), the record (16), two optional boxes (8 each).
+        assert_eq!(std::mem::size_of::<User>(), 40);
+    }
 
     fn sealed() -> Vec<u8> {
         let mut blob = vec![1, 0, 0, 0, 1];

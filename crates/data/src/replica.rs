@@ -162,9 +162,12 @@ impl Replica {
         let mut count = 0;
         let mut batch = Vec::with_capacity(4096);
         while let Some(row) = rows.next()? {
-            let body: Vec<u8> = row.get(0)?;
+            let body = row
+                .get_ref(0)?
+                .as_blob()
+                .map_err(|e| ReplicaError::Corrupt(e.to_string()))?;
             let entity: Entity =
-                serde_json::from_slice(&body).map_err(|e| ReplicaError::Corrupt(e.to_string()))?;
+                serde_json::from_slice(body).map_err(|e| ReplicaError::Corrupt(e.to_string()))?;
             batch.push(prepare(&Op::Put { entity })?);
             count += 1;
             if batch.len() == batch.capacity() {

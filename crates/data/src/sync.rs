@@ -391,9 +391,11 @@ async fn bootstrap(
             {
                 SnapshotLine::Begin { seq } if begin.is_none() => begin = Some(seq),
                 SnapshotLine::Entity { entity } if begin.is_some() => {
-                    // Serialised once: the same bytes feed the digest and the
-                    // replica.
-                    let body = entity.canonical_bytes();
+                    // The entity's canonical bytes, which feed the digest and the
+                    // replica, are on the line as the control plane wrote them
+                    // (docs/feed.md); the trailer's digest checks that they are.
+                    let body = SnapshotLine::entity_bytes(&line)
+                        .map_or_else(|| entity.canonical_bytes(), <[u8]>::to_vec);
                     digest.add_canonical(&body);
                     prepared.push(prepare_put(&entity)?);
                     batch.push((key_text(&entity.key()), body));
