@@ -17,13 +17,6 @@ use twofold_control::store::Database;
 
 use crate::settings::{CommonArgs, ControlArgs, DataArgs, File, LogFormat, ThrottleArgs};
 
-/// mimalloc rather than the system allocator: a data plane makes many small,
-/// short-lived allocations per request and per replicated entity, often freed on
-/// another thread than the one that made them, where glibc's malloc spent close
-/// to half of a bootstrap's CPU (see BENCHMARKS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Twofold: multi-factor authentication (TOTP and backup codes) that keeps
 /// verifying when everything around it fails.
 ///
