@@ -445,6 +445,19 @@ mod tagged {
     use super::tag_first::{self, Tagged};
     use super::{Change, ChangeLine, Entity, EntityKey, Op, SnapshotLine};
 
+    /// `Deserialize` through [`tag_first`] for each type implementing `Tagged`.
+    macro_rules! deserialize_tag_first {
+        ($($ty:ty),*) => {$(
+            impl<'de> Deserialize<'de> for $ty {
+                fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                    tag_first::deserialize(d)
+                }
+            }
+        )*};
+    }
+
+    deserialize_tag_first!(Entity, Op, ChangeLine, SnapshotLine);
+
     #[derive(Deserialize)]
     #[serde(rename_all = "snake_case")]
     pub(super) enum EntityType {
@@ -471,12 +484,6 @@ mod tagged {
                 EntityType::BackupCodes => Entity::BackupCodes(Deserialize::deserialize(rest)?),
                 EntityType::UserState => Entity::UserState(Deserialize::deserialize(rest)?),
             })
-        }
-    }
-
-    impl<'de> Deserialize<'de> for Entity {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            tag_first::deserialize(d)
         }
     }
 
@@ -517,12 +524,6 @@ mod tagged {
         }
     }
 
-    impl<'de> Deserialize<'de> for Op {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            tag_first::deserialize(d)
-        }
-    }
-
     #[derive(Deserialize)]
     #[serde(rename_all = "snake_case")]
     pub(super) enum ChangeLineType {
@@ -550,12 +551,6 @@ mod tagged {
                     head: HeadField::deserialize(rest)?.head,
                 },
             })
-        }
-    }
-
-    impl<'de> Deserialize<'de> for ChangeLine {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            tag_first::deserialize(d)
         }
     }
 
@@ -600,12 +595,6 @@ mod tagged {
                     SnapshotLine::End { seq, count, digest }
                 }
             })
-        }
-    }
-
-    impl<'de> Deserialize<'de> for SnapshotLine {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            tag_first::deserialize(d)
         }
     }
 }

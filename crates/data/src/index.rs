@@ -600,7 +600,7 @@ struct Shard {
 
 impl Shard {
     fn find(&self, hash: u64, tenant: u32, user: &str) -> Option<usize> {
-        let short = hash as u32;
+        let short = short_hash(hash);
         self.table
             .find(table_hash(short), |&i| {
                 let slot = &self.slab[i as usize];
@@ -610,7 +610,8 @@ impl Shard {
     }
 
     fn insert(&mut self, hash: u64, mut user: User) -> usize {
-        user.hash = hash as u32;
+        user.hash = short_hash(hash);
+        let hash = table_hash(user.hash);
         let index = match self.free.pop() {
             Some(i) => {
                 self.slab[i as usize] = user;
@@ -623,16 +624,14 @@ impl Shard {
         };
         let slab = &self.slab;
         self.table
-            .insert_unique(table_hash(hash as u32), index as u32, |&i| {
-                table_hash(slab[i as usize].hash)
-            });
+            .insert_unique(hash, index as u32, |&i| table_hash(slab[i as usize].hash));
         index
     }
 
     fn remove(&mut self, hash: u64, index: usize) {
         if let Ok(entry) = self
             .table
-            .find_entry(table_hash(hash as u32), |&i| i as usize == index)
+            .find_entry(table_hash(short_hash(hash)), |&i| i as usize == index)
         {
             entry.remove();
             self.slab[index] = User::default();
@@ -671,6 +670,11 @@ fn key_hash(hasher: &RandomState, tenant: u32, user: &str) -> u64 {
 /// bits and tags them with the top 7, and a multiplication by an odd constant
 /// mixes every bit into the top ones. The shard itself is chosen by bits 32 and
 /// up of the key hash, which this leaves out.
+/// The half of a key hash a user slot keeps and its table hashes by.
+fn short_hash(key_hash: u64) -> u32 {
+    key_hash as u32
+}
+
 fn table_hash(short: u32) -> u64 {
     u64::from(short).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
