@@ -226,15 +226,20 @@ async fn verify_inner(
     if !events.is_empty() {
         // Replay protection must survive a crash before a code is reported valid,
         // so a success waits for the outbox to commit, and fails closed if it
-        // cannot. A failure only counts towards throttling: it joins the next
-        // group commit without holding the answer (a crash in between forgets
-        // at most a few milliseconds of failures).
-        let submitted = node.outbox.submit(events);
-        drop(in_flight);
-        let recorded = match submitted {
-            Ok(committed) if matches!(outcome, Outcome::Valid { .. }) => committed.await,
-            Ok(_) => Ok(()),
-            Err(e) => Err(e),
+        // cannot. A failure only counts towards throttling: it joins a group
+        // commit within `outbox::LINGER` without holding the answer, or waking
+        // the writer (a crash in between forgets at most that much of failures).
+        let recorded = if matches!(outcome, Outcome::Valid { .. }) {
+            let submitted = node.outbox.submit(events);
+            drop(in_flight);
+            match submitted {
+                Ok(committed) => committed.await,
+                Err(e) => Err(e),
+            }
+        } else {
+            let recorded = node.outbox.record(events);
+            drop(in_flight);
+            recorded
         };
         if let Err(e) = recorded {
             tracing::error!(error = %e, "cannot record usage; refusing the attempt");

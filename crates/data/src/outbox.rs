@@ -5,17 +5,39 @@
 //! the replica has applied the change that carries its merged result. So after a
 //! restart, replaying the outbox over the replica restores everything this node
 //! accepted, and a code accepted just before a crash is still refused after it.
+//!
+//! Two ways in: [`Outbox::submit`] wakes the writer and resolves once committed
+//! (an accepted code waits for it); [`Outbox::record`] only queues, and the
+//! events join the next commit, at most [`LINGER`] later. Failures take the
+//! second way, so a flood of wrong codes costs one wake-up and one transaction
+//! per [`LINGER`], not one per attempt.
+//!
+//! The writer keeps the committed events not yet acknowledged in memory (up to
+//! [`MAX_QUEUED`]), so the reporter reads them without a query; acknowledgements
+//! are rows of their own (`acks`), one per report rather than one update per
+//! event.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 use twofold_core::feed::{NumberedEvent, UsageEvent};
 
 const FILE: &str = "local.db";
+
+/// Longest time a recorded (not submitted) event waits for its commit: the
+/// most a crash can forget of them.
+pub const LINGER: Duration = Duration::from_millis(5);
+
+/// Unacknowledged events kept in memory for the reporter. Past it (a control
+/// plane down for long under load) they are read back from the file instead,
+/// until acknowledgements catch up.
+pub const MAX_QUEUED: usize = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
@@ -38,25 +60,45 @@ pub struct Stored {
     pub acked_seq: Option<u64>,
 }
 
-enum Command {
-    Record(Vec<(u64, UsageEvent)>, oneshot::Sender<Result<()>>),
-    Unsent(usize, u64, oneshot::Sender<Result<Vec<NumberedEvent>>>),
-    Ack { through: u64, seq: u64 },
-    Prune { applied: u64 },
-}
+type Events = Vec<(u64, UsageEvent)>;
 
-/// Handle to the outbox thread. Cheap to clone.
-#[derive(Debug, Clone)]
-pub struct Outbox {
-    tx: mpsc::Sender<Command>,
-    /// Events stored and not yet acknowledged, kept by the outbox thread.
-    unacked: Arc<AtomicU64>,
+enum Command {
+    /// Commit these now, with whatever was recorded, and say when it is done.
+    Submit(Events, oneshot::Sender<Result<()>>),
+    /// Recorded events are waiting.
+    Flush,
+    Unsent(usize, u64, oneshot::Sender<Result<Vec<NumberedEvent>>>),
+    Ack {
+        through: u64,
+        seq: u64,
+    },
+    Prune {
+        applied: u64,
+    },
 }
 
 impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Command")
     }
+}
+
+/// What the handles and the writer thread share.
+#[derive(Debug)]
+struct Shared {
+    /// Events recorded since the writer last took them.
+    recorded: Mutex<Events>,
+    /// Events committed and not yet acknowledged.
+    unacked: AtomicU64,
+    /// Cleared when the writer thread ends.
+    alive: AtomicBool,
+}
+
+/// Handle to the outbox thread. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
 }
 
 /// What the outbox held at start.
@@ -72,23 +114,54 @@ pub struct Opened {
 }
 
 fn connect(dir: &Path) -> Result<Connection> {
-    let conn = Connection::open(dir.join(FILE))?;
+    let mut conn = Connection::open(dir.join(FILE))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
-         CREATE TABLE IF NOT EXISTS outbox (
-             id INTEGER PRIMARY KEY,
-             body TEXT NOT NULL,
-             acked_seq INTEGER
+         CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY, body TEXT NOT NULL) STRICT;
+         CREATE TABLE IF NOT EXISTS acks (
+             through INTEGER PRIMARY KEY,
+             seq INTEGER NOT NULL
          ) STRICT;",
     )?;
+    migrate_acked_column(&mut conn)?;
     Ok(conn)
+}
+
+/// Outboxes written before the `acks` table kept each event's acknowledgement
+/// in a column of its own: turn those into `acks` rows (the highest id merged
+/// in each change) and drop the column.
+fn migrate_acked_column(conn: &mut Connection) -> Result<()> {
+    let has_column: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM pragma_table_info('outbox') WHERE name = 'acked_seq'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_column {
+        return Ok(());
+    }
+    let tx = conn.transaction()?;
+    tx.execute_batch(
+        "INSERT OR IGNORE INTO acks (through, seq)
+             SELECT max(id), acked_seq FROM outbox WHERE acked_seq IS NOT NULL GROUP BY acked_seq;
+         ALTER TABLE outbox DROP COLUMN acked_seq;",
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Outbox {
     /// Open (or create) the outbox in `dir` and start its thread.
     pub fn open(dir: &Path) -> Result<Opened> {
+        Outbox::open_with(dir, MAX_QUEUED)
+    }
+
+    fn open_with(dir: &Path, max_queued: usize) -> Result<Opened> {
         let conn = connect(dir)?;
         let node_id = match conn
             .query_row("SELECT value FROM meta WHERE key = 'node_id'", [], |r| {
@@ -105,22 +178,28 @@ impl Outbox {
                 id
             }
         };
+        let acks: VecDeque<(u64, u64)> = {
+            let mut stmt = conn.prepare("SELECT through, seq FROM acks ORDER BY through")?;
+            stmt.query_map([], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+            })?
+            .collect::<rusqlite::Result<_>>()?
+        };
         let mut stored = Vec::new();
         {
-            let mut stmt = conn.prepare("SELECT id, body, acked_seq FROM outbox ORDER BY id")?;
+            let mut stmt = conn.prepare("SELECT id, body FROM outbox ORDER BY id")?;
             let mut rows = stmt.query([])?;
+            // An event's acknowledgement is the first one whose `through` reaches it.
+            let mut next_ack = acks.iter().peekable();
             while let Some(row) = rows.next()? {
-                let id: i64 = row.get(0)?;
+                let id = row.get::<_, i64>(0)? as u64;
                 let body: String = row.get(1)?;
-                let acked: Option<i64> = row.get(2)?;
                 let event: UsageEvent =
-                    serde_json::from_str(&body).map_err(|_| OutboxError::Corrupt(id as u64))?;
+                    serde_json::from_str(&body).map_err(|_| OutboxError::Corrupt(id))?;
+                while next_ack.next_if(|(through, _)| *through < id).is_some() {}
                 stored.push(Stored {
-                    event: NumberedEvent {
-                        id: id as u64,
-                        event,
-                    },
-                    acked_seq: acked.map(|s| s as u64),
+                    event: NumberedEvent { id, event },
+                    acked_seq: next_ack.peek().map(|(_, seq)| *seq),
                 });
             }
         }
@@ -134,40 +213,71 @@ impl Outbox {
             .map_or(0, |m| m as u64)
             .max(seen.and_then(|s| s.parse().ok()).unwrap_or(0))
             + 1;
-        let unacked = Arc::new(AtomicU64::new(
-            stored.iter().filter(|s| s.acked_seq.is_none()).count() as u64,
-        ));
+        let unsent: BTreeMap<u64, UsageEvent> = stored
+            .iter()
+            .filter(|s| s.acked_seq.is_none())
+            .map(|s| (s.event.id, s.event.event.clone()))
+            .collect();
+        let shared = Arc::new(Shared {
+            recorded: Mutex::new(Vec::new()),
+            unacked: AtomicU64::new(unsent.len() as u64),
+            alive: AtomicBool::new(true),
+        });
+        let complete = unsent.len() <= max_queued;
+        let writer = Writer {
+            conn,
+            max_queued,
+            shared: shared.clone(),
+            acked_through: acks.back().map_or(0, |(through, _)| *through),
+            acks,
+            queue: if complete { unsent } else { BTreeMap::new() },
+            complete,
+        };
         let (tx, rx) = mpsc::channel();
         thread::Builder::new()
             .name("twofold-outbox".into())
-            .spawn({
-                let unacked = unacked.clone();
-                move || run(conn, rx, &unacked)
-            })
+            .spawn(move || run(writer, &rx))
             .map_err(|e| OutboxError::Other(e.to_string()))?;
         Ok(Opened {
-            outbox: Outbox { tx, unacked },
+            outbox: Outbox { tx, shared },
             node_id,
             stored,
             next_id,
         })
     }
 
-    /// Queue events for the next group commit. Returns at once; the returned
-    /// future resolves once they are committed, and may be dropped.
-    pub fn submit(
-        &self,
-        events: Vec<(u64, UsageEvent)>,
-    ) -> Result<impl Future<Output = Result<()>> + use<>> {
+    /// Commit events now. Returns at once; the returned future resolves once
+    /// they are committed, and may be dropped.
+    pub fn submit(&self, events: Events) -> Result<impl Future<Output = Result<()>> + use<>> {
         let (reply, done) = oneshot::channel();
         self.tx
-            .send(Command::Record(events, reply))
+            .send(Command::Submit(events, reply))
             .map_err(|_| OutboxError::Closed)?;
         Ok(async move { done.await.map_err(|_| OutboxError::Closed)? })
     }
 
+    /// Queue events for a commit within [`LINGER`], without waiting for it.
+    pub fn record(&self, events: Events) -> Result<()> {
+        if !self.shared.alive.load(Ordering::SeqCst) {
+            return Err(OutboxError::Closed);
+        }
+        let first = {
+            let mut recorded = lock(&self.shared.recorded);
+            let first = recorded.is_empty();
+            recorded.extend(events);
+            first
+        };
+        // Only the first event of a batch wakes the writer.
+        if first {
+            self.tx
+                .send(Command::Flush)
+                .map_err(|_| OutboxError::Closed)?;
+        }
+        Ok(())
+    }
+
     /// Up to `limit` events not yet acknowledged with ids below `below`, oldest
-    /// first.
+    /// first. Events recorded before the call are included.
     pub async fn unsent(&self, limit: usize, below: u64) -> Result<Vec<NumberedEvent>> {
         let (reply, done) = oneshot::channel();
         self.tx
@@ -179,7 +289,7 @@ impl Outbox {
     /// How many stored events the control plane has not acknowledged yet. An
     /// event counts from its commit until its `ack` is processed.
     pub fn unacked(&self) -> u64 {
-        self.unacked.load(Ordering::SeqCst)
+        self.shared.unacked.load(Ordering::SeqCst)
     }
 
     /// The control plane merged events up to `through` in change `seq`.
@@ -194,109 +304,206 @@ impl Outbox {
     }
 }
 
-fn run(mut conn: Connection, rx: mpsc::Receiver<Command>, unacked: &AtomicU64) {
+/// Clears `alive` when the writer thread ends, however it ends.
+struct Alive<'a>(&'a AtomicBool);
+
+impl Drop for Alive<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+fn run(mut writer: Writer, rx: &mpsc::Receiver<Command>) {
+    let shared = writer.shared.clone();
+    let _alive = Alive(&shared.alive);
     while let Ok(first) = rx.recv() {
-        // Gather every record command already queued into one transaction.
-        let mut records = Vec::new();
+        let mut commands = Vec::new();
+        if matches!(first, Command::Flush) {
+            // Let the attempts of the next few milliseconds join this commit;
+            // anything but another flush ends the wait.
+            let until = Instant::now() + LINGER;
+            while let Ok(cmd) = rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                let flush = matches!(cmd, Command::Flush);
+                commands.push(cmd);
+                if !flush {
+                    break;
+                }
+            }
+        }
+        commands.insert(0, first);
+        commands.extend(rx.try_iter());
+        writer.handle(commands);
+    }
+}
+
+/// The writer thread's state.
+struct Writer {
+    conn: Connection,
+    shared: Arc<Shared>,
+    /// Committed events not yet acknowledged, while `complete`.
+    queue: BTreeMap<u64, UsageEvent>,
+    /// The most `queue` holds.
+    max_queued: usize,
+    /// Whether `queue` holds every committed event not yet acknowledged; if
+    /// not, the reporter's events are read from the file.
+    complete: bool,
+    /// Stored acknowledgements not yet pruned, `(through, seq)`, oldest first.
+    acks: VecDeque<(u64, u64)>,
+    /// The highest event id acknowledged.
+    acked_through: u64,
+}
+
+impl Writer {
+    fn handle(&mut self, commands: Vec<Command>) {
+        let mut events = std::mem::take(&mut *lock(&self.shared.recorded));
+        let mut replies = Vec::new();
         let mut others = Vec::new();
-        for cmd in std::iter::once(first).chain(rx.try_iter()) {
+        for cmd in commands {
             match cmd {
-                Command::Record(events, reply) => records.push((events, reply)),
+                Command::Submit(submitted, reply) => {
+                    events.extend(submitted);
+                    replies.push(reply);
+                }
+                Command::Flush => {}
                 other => others.push(other),
             }
         }
-        if !records.is_empty() {
-            let result = insert(&mut conn, records.iter().flat_map(|(events, _)| events));
-            if result.is_ok() {
-                let count: usize = records.iter().map(|(events, _)| events.len()).sum();
-                unacked.fetch_add(count as u64, Ordering::SeqCst);
+        if !events.is_empty() {
+            let result = self.commit(events);
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "cannot write usage events to the outbox");
             }
-            for (_, reply) in records {
+            for reply in replies {
                 let _ = reply.send(match &result {
                     Ok(()) => Ok(()),
                     Err(e) => Err(OutboxError::Other(e.to_string())),
                 });
             }
-            if let Err(e) = result {
-                tracing::error!(error = %e, "cannot write usage events to the outbox");
-            }
         }
         for cmd in others {
-            if let Err(e) = handle(&conn, cmd, unacked) {
+            let result = match cmd {
+                Command::Unsent(limit, below, reply) => {
+                    let _ = reply.send(self.unsent(limit, below));
+                    Ok(())
+                }
+                Command::Ack { through, seq } => self.ack(through, seq),
+                Command::Prune { applied } => self.prune(applied),
+                Command::Submit(..) | Command::Flush => Ok(()),
+            };
+            if let Err(e) = result {
                 tracing::error!(error = %e, "outbox command failed");
             }
         }
     }
-}
 
-fn insert<'a>(
-    conn: &mut Connection,
-    events: impl Iterator<Item = &'a (u64, UsageEvent)>,
-) -> Result<()> {
-    let tx = conn.transaction()?;
-    let mut max = 0;
-    {
-        let mut stmt = tx.prepare_cached("INSERT INTO outbox (id, body) VALUES (?, ?)")?;
-        for (id, event) in events {
-            let body = serde_json::to_string(event).map_err(|_| OutboxError::Corrupt(*id))?;
-            stmt.execute(params![*id as i64, body])?;
-            max = max.max(*id);
+    fn commit(&mut self, events: Events) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        let mut max = 0;
+        {
+            let mut insert = tx.prepare_cached("INSERT INTO outbox (id, body) VALUES (?, ?)")?;
+            for (id, event) in &events {
+                let body = serde_json::to_string(event).map_err(|_| OutboxError::Corrupt(*id))?;
+                insert.execute(params![*id as i64, body])?;
+                max = max.max(*id);
+            }
+            // Remember the highest id ever used, so ids keep growing after pruning.
+            tx.prepare_cached(
+                "INSERT INTO meta (key, value) VALUES ('max_id', ?1)
+                 ON CONFLICT (key) DO UPDATE
+                 SET value = max(CAST(value AS INTEGER), CAST(?1 AS INTEGER))",
+            )?
+            .execute([max.to_string()])?;
         }
+        tx.commit()?;
+        let count = events.len();
+        if self.complete && self.queue.len() + count <= self.max_queued {
+            self.queue.extend(events);
+        } else if self.complete {
+            self.queue.clear();
+            self.complete = false;
+        }
+        self.shared
+            .unacked
+            .fetch_add(count as u64, Ordering::SeqCst);
+        Ok(())
     }
-    // Remember the highest id ever used, so ids keep growing after pruning.
-    tx.execute(
-        "INSERT INTO meta (key, value) VALUES ('max_id', ?1)
-         ON CONFLICT (key) DO UPDATE SET value = max(CAST(value AS INTEGER), CAST(?1 AS INTEGER))",
-        [max.to_string()],
-    )?;
-    tx.commit()?;
-    Ok(())
-}
 
-fn handle(conn: &Connection, cmd: Command, unacked: &AtomicU64) -> Result<()> {
-    match cmd {
-        Command::Record(..) => Ok(()),
-        Command::Unsent(limit, below, reply) => {
-            let result = unsent(conn, limit, below);
-            let _ = reply.send(result);
-            Ok(())
+    fn unsent(&self, limit: usize, below: u64) -> Result<Vec<NumberedEvent>> {
+        if self.complete {
+            return Ok(self
+                .queue
+                .range(..below)
+                .take(limit)
+                .map(|(id, event)| NumberedEvent {
+                    id: *id,
+                    event: event.clone(),
+                })
+                .collect());
         }
-        Command::Ack { through, seq } => {
-            let acked = conn.execute(
-                "UPDATE outbox SET acked_seq = ? WHERE id <= ? AND acked_seq IS NULL",
-                params![seq as i64, through as i64],
-            )?;
-            let _ = unacked.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                Some(n.saturating_sub(acked as u64))
-            });
-            Ok(())
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, body FROM outbox WHERE id > ? AND id < ? ORDER BY id LIMIT ?",
+        )?;
+        let below = i64::try_from(below).unwrap_or(i64::MAX);
+        let mut rows = stmt.query(params![self.acked_through as i64, below, limit as i64])?;
+        let mut events = Vec::new();
+        while let Some(row) = rows.next()? {
+            let id = row.get::<_, i64>(0)? as u64;
+            let body: String = row.get(1)?;
+            let event = serde_json::from_str(&body).map_err(|_| OutboxError::Corrupt(id))?;
+            events.push(NumberedEvent { id, event });
         }
-        Command::Prune { applied } => {
-            conn.execute("DELETE FROM outbox WHERE acked_seq <= ?", [applied as i64])?;
-            Ok(())
+        Ok(events)
+    }
+
+    fn ack(&mut self, through: u64, seq: u64) -> Result<()> {
+        if through <= self.acked_through {
+            return Ok(());
         }
+        self.conn
+            .prepare_cached("INSERT INTO acks (through, seq) VALUES (?, ?)")?
+            .execute(params![through as i64, seq as i64])?;
+        let newly = if self.complete {
+            let left = self.queue.split_off(&through.saturating_add(1));
+            std::mem::replace(&mut self.queue, left).len() as u64
+        } else {
+            self.conn
+                .prepare_cached("SELECT count(*) FROM outbox WHERE id > ? AND id <= ?")?
+                .query_row(params![self.acked_through as i64, through as i64], |r| {
+                    r.get::<_, i64>(0)
+                })? as u64
+        };
+        self.acked_through = through;
+        self.acks.push_back((through, seq));
+        let left = self
+            .shared
+            .unacked
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                Some(n.saturating_sub(newly))
+            })
+            .map_or(0, |n| n.saturating_sub(newly));
+        if !self.complete && left == 0 {
+            self.complete = true;
+        }
+        Ok(())
+    }
+
+    fn prune(&mut self, applied: u64) -> Result<()> {
+        let mut through = None;
+        while let Some(&(t, _)) = self.acks.front().filter(|(_, seq)| *seq <= applied) {
+            through = Some(t);
+            self.acks.pop_front();
+        }
+        if let Some(through) = through {
+            let tx = self.conn.transaction()?;
+            tx.prepare_cached("DELETE FROM outbox WHERE id <= ?")?
+                .execute([through as i64])?;
+            tx.prepare_cached("DELETE FROM acks WHERE through <= ?")?
+                .execute([through as i64])?;
+            tx.commit()?;
+        }
+        Ok(())
     }
 }
-
-fn unsent(conn: &Connection, limit: usize, below: u64) -> Result<Vec<NumberedEvent>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, body FROM outbox WHERE acked_seq IS NULL AND id < ? ORDER BY id LIMIT ?",
-    )?;
-    let below = i64::try_from(below).unwrap_or(i64::MAX);
-    let mut rows = stmt.query(params![below, limit as i64])?;
-    let mut events = Vec::new();
-    while let Some(row) = rows.next()? {
-        let id: i64 = row.get(0)?;
-        let body: String = row.get(1)?;
-        let event = serde_json::from_str(&body).map_err(|_| OutboxError::Corrupt(id as u64))?;
-        events.push(NumberedEvent {
-            id: id as u64,
-            event,
-        });
-    }
-    Ok(events)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,5 +555,148 @@ mod tests {
         let opened = Outbox::open(dir.path()).unwrap();
         assert_eq!(opened.stored.len(), 1);
         assert_eq!(opened.next_id, 4, "ids never go back after pruning");
+    }
+
+    fn numbered(events: &[NumberedEvent]) -> Vec<u64> {
+        events.iter().map(|e| e.id).collect()
+    }
+
+    #[tokio::test]
+    async fn recorded_events_are_committed_without_a_submit() {
+        let dir = tempfile::tempdir().unwrap();
+        let opened = Outbox::open(dir.path()).unwrap();
+        opened.outbox.record(vec![(1, failure(10))]).unwrap();
+        opened.outbox.record(vec![(2, failure(11))]).unwrap();
+        // Asking for unsent events takes everything recorded before the call.
+        let unsent = opened.outbox.unsent(10, u64::MAX).await.unwrap();
+        assert_eq!(numbered(&unsent), [1, 2]);
+        assert_eq!(opened.outbox.unacked(), 2);
+        // And the linger alone commits them: they are on disk after a restart.
+        opened.outbox.record(vec![(3, failure(12))]).unwrap();
+        std::thread::sleep(LINGER * 20);
+        assert_eq!(opened.outbox.unacked(), 3);
+        drop(opened);
+        let opened = Outbox::open(dir.path()).unwrap();
+        assert_eq!(
+            numbered(&opened.outbox.unsent(10, u64::MAX).await.unwrap()),
+            [1, 2, 3]
+        );
+        assert_eq!(opened.next_id, 4);
+    }
+
+    #[tokio::test]
+    async fn past_the_memory_cap_unsent_events_are_read_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let opened = Outbox::open_with(dir.path(), 3).unwrap();
+        let outbox = &opened.outbox;
+        outbox
+            .submit(vec![(1, failure(1)), (2, failure(2))])
+            .unwrap()
+            .await
+            .unwrap();
+        outbox
+            .submit(vec![(3, failure(3)), (4, failure(4))])
+            .unwrap()
+            .await
+            .unwrap();
+        assert_eq!(
+            numbered(&outbox.unsent(10, u64::MAX).await.unwrap()),
+            [1, 2, 3, 4]
+        );
+        assert_eq!(numbered(&outbox.unsent(2, 4).await.unwrap()), [1, 2]);
+        outbox.ack(3, 7);
+        assert_eq!(numbered(&outbox.unsent(10, u64::MAX).await.unwrap()), [4]);
+        assert_eq!(outbox.unacked(), 1);
+        // Once everything is acknowledged, memory holds the unsent events again.
+        outbox.ack(4, 8);
+        outbox.submit(vec![(5, failure(5))]).unwrap().await.unwrap();
+        assert_eq!(numbered(&outbox.unsent(10, u64::MAX).await.unwrap()), [5]);
+        assert_eq!(outbox.unacked(), 1);
+        outbox.prune(7);
+        outbox.unsent(1, 0).await.unwrap(); // the writer is done with the prune
+        drop(opened);
+        let opened = Outbox::open(dir.path()).unwrap();
+        let acked: Vec<_> = opened
+            .stored
+            .iter()
+            .map(|s| (s.event.id, s.acked_seq))
+            .collect();
+        assert_eq!(acked, [(4, Some(8)), (5, None)]);
+    }
+
+    #[tokio::test]
+    async fn a_stale_acknowledgement_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let opened = Outbox::open(dir.path()).unwrap();
+        let outbox = &opened.outbox;
+        outbox
+            .submit(vec![(1, failure(1)), (2, failure(2))])
+            .unwrap()
+            .await
+            .unwrap();
+        outbox.ack(2, 9);
+        // A retried report's answer: nothing new merged.
+        outbox.ack(1, 12);
+        outbox.prune(9);
+        outbox.submit(vec![(3, failure(3))]).unwrap().await.unwrap();
+        assert_eq!(numbered(&outbox.unsent(10, u64::MAX).await.unwrap()), [3]);
+        drop(opened);
+        let opened = Outbox::open(dir.path()).unwrap();
+        assert_eq!(opened.stored.len(), 1);
+        assert_eq!(opened.stored[0].acked_seq, None);
+    }
+
+    #[tokio::test]
+    async fn an_outbox_of_the_earlier_layout_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join(FILE)).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
+                 CREATE TABLE outbox (
+                     id INTEGER PRIMARY KEY,
+                     body TEXT NOT NULL,
+                     acked_seq INTEGER
+                 ) STRICT;
+                 INSERT INTO meta VALUES ('node_id', 'node_old');",
+            )
+            .unwrap();
+            for (id, acked) in [(1, Some(5)), (2, Some(5)), (3, Some(6)), (4, None)] {
+                let body = serde_json::to_string(&failure(id)).unwrap();
+                conn.execute(
+                    "INSERT INTO outbox (id, body, acked_seq) VALUES (?, ?, ?)",
+                    params![id as i64, body, acked],
+                )
+                .unwrap();
+            }
+        }
+        let opened = Outbox::open(dir.path()).unwrap();
+        assert_eq!(opened.node_id, "node_old");
+        let acked: Vec<_> = opened
+            .stored
+            .iter()
+            .map(|s| (s.event.id, s.acked_seq))
+            .collect();
+        assert_eq!(acked, [(1, Some(5)), (2, Some(5)), (3, Some(6)), (4, None)]);
+        assert_eq!(opened.outbox.unacked(), 1);
+        assert_eq!(
+            numbered(&opened.outbox.unsent(10, u64::MAX).await.unwrap()),
+            [4]
+        );
+        opened.outbox.prune(5);
+        opened.outbox.unsent(1, 0).await.unwrap(); // the writer is done with the prune
+        drop(opened);
+        let opened = Outbox::open(dir.path()).unwrap();
+        assert_eq!(
+            numbered(
+                &opened
+                    .stored
+                    .iter()
+                    .map(|s| s.event.clone())
+                    .collect::<Vec<_>>()
+            ),
+            [3, 4]
+        );
+        assert_eq!(opened.next_id, 5);
     }
 }

@@ -185,8 +185,12 @@ impl Replica {
         };
         let tx = self.conn.transaction()?;
         {
-            let mut put =
-                tx.prepare_cached("INSERT OR REPLACE INTO entities (key, body) VALUES (?, ?)")?;
+            // An update in place where the key exists: one lookup in the key
+            // index, where REPLACE deletes the row and inserts it again.
+            let mut put = tx.prepare_cached(
+                "INSERT INTO entities (key, body) VALUES (?, ?)
+                 ON CONFLICT (key) DO UPDATE SET body = excluded.body",
+            )?;
             let mut delete = tx.prepare_cached("DELETE FROM entities WHERE key = ?")?;
             for op in changes.iter().flat_map(|c| &c.ops) {
                 match op {
