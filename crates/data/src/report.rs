@@ -12,12 +12,14 @@ use twofold_core::feed::{BackupCodeUse, BackupCodeUseAck, NumberedEvent, UsageAc
 use crate::node::Node;
 use crate::sync::Backoff;
 
-/// Events sent per report.
-const BATCH: usize = 500;
-/// How long the reporter waits after a wake-up so that events arriving together
-/// travel in one report (and one merged change). Small against the cross-node
-/// window it adds to.
-const LINGER: Duration = Duration::from_millis(10);
+/// Events sent per report at most: the most the control plane takes in one.
+const BATCH: usize = 1000;
+/// Reports start at least this far apart. The control plane's cost is mostly
+/// per report (one transaction writing the pages its users' rows sit on, one
+/// change that every data plane applies), so under load each report should
+/// carry many events. An event that finds the reporter idle is sent at once;
+/// otherwise it waits at most this long, which the cross-node window adds up.
+const INTERVAL: Duration = Duration::from_millis(25);
 /// Even without a wake-up, look at the outbox this often.
 const IDLE_POLL: Duration = Duration::from_secs(1);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -98,7 +100,16 @@ pub async fn run(node: Arc<Node>) {
     let client = node.http.clone();
     let mut backoff = Backoff::new(node.config.backoff_base, node.config.backoff_max);
     let mut url_index = 0usize;
+    let mut last_start: Option<tokio::time::Instant> = None;
+    let mut backlog = false;
     loop {
+        // A full report leaves a backlog: the next one goes at once.
+        if let Some(start) = last_start.filter(|_| !backlog) {
+            tokio::select! {
+                () = tokio::time::sleep_until(start + INTERVAL) => {}
+                () = node.shutdown.cancelled() => return,
+            }
+        }
         let events = match node.outbox.unsent(BATCH, node.reportable_below()).await {
             Ok(events) => events,
             Err(e) => {
@@ -111,11 +122,7 @@ pub async fn run(node: Arc<Node>) {
         };
         if events.is_empty() {
             tokio::select! {
-                () = node.report_wake.notified() => {
-                    // Let a burst of attempts gather into one report.
-                    tokio::time::sleep(LINGER).await;
-                    continue;
-                }
+                () = node.report_wake.notified() => continue,
                 () = tokio::time::sleep(IDLE_POLL) => continue,
                 () = node.shutdown.cancelled() => return,
             }
@@ -124,6 +131,8 @@ pub async fn run(node: Arc<Node>) {
         let Some(url) = urls.get(url_index % urls.len().max(1)) else {
             return;
         };
+        last_start = Some(tokio::time::Instant::now());
+        backlog = events.len() == BATCH;
         match send(&client, url, &node.config.node_token, &node.node_id, events).await {
             Ok(ack) => {
                 node.record_ack(ack.through, ack.seq);
