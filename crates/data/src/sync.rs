@@ -226,7 +226,41 @@ pub async fn run(node: Arc<Node>, replica: Replica) {
     }
 }
 
-/// Run `f` on the replica off the async threads, giving it back afterwards.
+/// Parse a run of change-stream lines, check the changes in it, and apply them
+/// to the replica, then to the index. Returns the last seq applied and how many
+/// changes, or `None` for heartbeats only.
+fn apply_lines(
+    node: &Node,
+    replica: &mut Replica,
+    applied: u64,
+    lines: &[BytesMut],
+) -> Result<Option<(u64, u64)>, SyncError> {
+    let mut changes = Vec::new();
+    for line in lines {
+        match serde_json::from_slice::<ChangeLine>(line)
+            .map_err(|e| SyncError::Malformed(e.to_string()))?
+        {
+            ChangeLine::Heartbeat { head } => {
+                node.sync.head.fetch_max(head, Ordering::SeqCst);
+            }
+            ChangeLine::Change(change) => changes.push(change),
+        }
+    }
+    let Some(last) = changes.last().map(|c| c.seq) else {
+        return Ok(None);
+    };
+    let prepared = check_batch(applied, &changes).inspect_err(|e| {
+        if matches!(e, SyncError::OutOfOrder { .. }) {
+            node.sync.out_of_order.fetch_add(1, Ordering::SeqCst);
+        }
+    })?;
+    replica.apply(&changes)?;
+    node.index().apply(prepared);
+    Ok(Some((last, changes.len() as u64)))
+}
+
+/// Run `f` on the replica off the async threads, giving it back afterwards. The
+/// blocking threads it runs on are lowered to background priority.
 async fn with_replica<T: Send + 'static>(
     slot: &mut Option<Replica>,
     f: impl FnOnce(&mut Replica) -> Result<T, ReplicaError> + Send + 'static,
@@ -235,6 +269,7 @@ async fn with_replica<T: Send + 'static>(
         .take()
         .ok_or_else(|| SyncError::Worker("replica missing".into()))?;
     let (replica, result) = tokio::task::spawn_blocking(move || {
+        crate::background_priority();
         let result = f(&mut replica);
         (replica, result)
     })
@@ -307,33 +342,20 @@ async fn tail(
             return Ok(());
         };
         node.mark_contact();
-        let mut changes = Vec::new();
-        for line in lines.push(&chunk)? {
-            match serde_json::from_slice::<ChangeLine>(&line)
-                .map_err(|e| SyncError::Malformed(e.to_string()))?
-            {
-                ChangeLine::Heartbeat { head } => {
-                    node.sync.head.fetch_max(head, Ordering::SeqCst);
-                }
-                ChangeLine::Change(change) => changes.push(change),
-            }
-        }
-        if changes.is_empty() {
+        let lines = lines.push(&chunk)?;
+        if lines.is_empty() {
             continue;
         }
-        let prepared = match check_batch(applied, &changes) {
-            Ok(prepared) => prepared,
-            Err(e) => {
-                if matches!(e, SyncError::OutOfOrder { .. }) {
-                    node.sync.out_of_order.fetch_add(1, Ordering::SeqCst);
-                }
-                return Err(e);
-            }
+        // Parsing, checking and applying a batch (up to a report's worth of
+        // users each) run on the replica's thread, not on the request threads.
+        let worker = node.clone();
+        let outcome = with_replica(replica, move |r| {
+            Ok(apply_lines(&worker, r, applied, &lines))
+        })
+        .await?;
+        let Some((last, count)) = outcome? else {
+            continue;
         };
-        let last = changes.last().map_or(applied, |c| c.seq);
-        let count = changes.len() as u64;
-        with_replica(replica, move |r| r.apply(&changes)).await?;
-        node.index().apply(prepared);
         node.sync.changes_applied.fetch_add(count, Ordering::SeqCst);
         applied = last;
         node.sync.head.fetch_max(last, Ordering::SeqCst);
