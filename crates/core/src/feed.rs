@@ -191,6 +191,21 @@ pub enum ChangeLine {
     },
 }
 
+impl ChangeLine {
+    /// Append the line of a change whose ops are given as their JSON array, the
+    /// form the control plane stores them in: the JSON of `ChangeLine::Change`,
+    /// without parsing the ops and serialising them again.
+    pub fn write_change(seq: u64, at_ms: u64, ops_json: &str, out: &mut Vec<u8>) {
+        out.extend_from_slice(br#"{"type":"change","seq":"#);
+        out.extend_from_slice(seq.to_string().as_bytes());
+        out.extend_from_slice(br#","at_ms":"#);
+        out.extend_from_slice(at_ms.to_string().as_bytes());
+        out.extend_from_slice(br#","ops":"#);
+        out.extend_from_slice(ops_json.as_bytes());
+        out.push(b'}');
+    }
+}
+
 /// One line of `GET /v1/feed/snapshot`: a header, entities, then a trailer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -725,6 +740,39 @@ mod tests {
                 serde_json::to_vec(&SnapshotLine::Entity { entity }).unwrap()
             );
         }
+    }
+
+    #[test]
+    fn a_change_line_from_stored_ops_is_the_serialised_line() {
+        let change = Change {
+            seq: 42,
+            at_ms: 1_700_000_000_123,
+            ops: vec![
+                Op::Put {
+                    entity: Entity::UserState(UserStateRecord {
+                        tenant: "tn_x".into(),
+                        user: "al\"ice".into(),
+                        failures: 1,
+                        locked: false,
+                        throttled_until: None,
+                    }),
+                },
+                Op::Delete {
+                    key: EntityKey::Tenant { id: "tn_y".into() },
+                },
+            ],
+        };
+        let ops_json = serde_json::to_string(&change.ops).unwrap();
+        let mut line = Vec::new();
+        ChangeLine::write_change(change.seq, change.at_ms, &ops_json, &mut line);
+        assert_eq!(
+            line,
+            serde_json::to_vec(&ChangeLine::Change(change.clone())).unwrap()
+        );
+        assert_eq!(
+            serde_json::from_slice::<ChangeLine>(&line).unwrap(),
+            ChangeLine::Change(change)
+        );
     }
 
     #[test]

@@ -186,6 +186,7 @@ async fn stream_changes(
     let mut head = state.store.subscribe();
     let heartbeat = state.config.heartbeat;
     let mut buf = BytesMut::new();
+    let mut line = Vec::new();
     // Tell the node where the head is straight away.
     push_line(
         &mut buf,
@@ -239,7 +240,10 @@ async fn stream_changes(
                     return;
                 }
                 cursor = change.seq;
-                push_line(&mut buf, &ChangeLine::Change(change));
+                line.clear();
+                ChangeLine::write_change(change.seq, change.at_ms, &change.ops, &mut line);
+                buf.extend_from_slice(&line);
+                buf.put_u8(b'\n');
             }
             if tx.send(buf.split().freeze()).await.is_err() {
                 return;

@@ -1,11 +1,11 @@
 //! Reading the change log and the replicated state: changes after a seq,
 //! consistent snapshots, the state digest and log compaction.
 
-use twofold_core::feed::{Change, Entity, SnapshotLine, StateDigest};
+use twofold_core::feed::{Entity, SnapshotLine, StateDigest};
 
 use super::entities::{self, FACTOR_COLUMNS};
 use super::sql::{Conn, args};
-use super::{Result, Store, StoreError, meta_u64, read_head, set_meta};
+use super::{Result, Store, meta_u64, read_head, set_meta};
 
 /// Where a reader asking for the changes after a seq stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,22 +21,28 @@ pub enum FeedPosition {
 /// returns `false` to stop early (the client went away).
 pub type SnapshotSink<'a> = dyn FnMut(&[u8]) -> bool + 'a;
 
+/// A change as the log stores it: its ops are the JSON array written at commit,
+/// sent on as they are (see `ChangeLine::write_change`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredChange {
+    pub seq: u64,
+    pub at_ms: u64,
+    pub ops: String,
+}
+
 pub(super) fn changes_after(
     conn: &mut Conn<'_, '_>,
     after: u64,
     limit: usize,
-) -> Result<Vec<Change>> {
+) -> Result<Vec<StoredChange>> {
     conn.query(
         "SELECT seq, at_ms, ops FROM changes WHERE seq > ? ORDER BY seq LIMIT ?",
         args![after as i64, limit as i64],
         |r| {
-            let seq: u64 = r.int(0)?;
-            let ops: String = r.get(2)?;
-            Ok(Change {
-                seq,
+            Ok(StoredChange {
+                seq: r.int(0)?,
                 at_ms: r.int(1)?,
-                ops: serde_json::from_str(&ops)
-                    .map_err(|e| StoreError::Corrupt(format!("change {seq}: {e}")))?,
+                ops: r.get(2)?,
             })
         },
     )

@@ -26,10 +26,10 @@ use std::time::Duration;
 
 use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::watch;
-use twofold_core::feed::{BackupCodeEntry, Change, EntityKey, Op};
+use twofold_core::feed::{BackupCodeEntry, EntityKey, Op};
 use twofold_core::ids::Scope;
 
-pub use feed::{FeedPosition, SnapshotSink};
+pub use feed::{FeedPosition, SnapshotSink, StoredChange};
 use sql::{Conn, args};
 
 /// SQLite schema migrations, applied in order; `PRAGMA user_version` holds how
@@ -914,7 +914,7 @@ impl Store {
     }
 
     /// Changes after `after`, in seq order, at most `limit`.
-    pub fn changes_after(&self, after: u64, limit: usize) -> Result<Vec<Change>> {
+    pub fn changes_after(&self, after: u64, limit: usize) -> Result<Vec<StoredChange>> {
         self.read(|conn| feed::changes_after(conn, after, limit))
     }
 }

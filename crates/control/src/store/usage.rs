@@ -164,10 +164,13 @@ fn merge(
             touched.insert(entity.key(), entity);
         }
         UsageEvent::Failure { tenant, user, at } => {
-            if !user_exists(&mut w.tx, tenant, user)? {
-                return Ok(());
-            }
-            let state = user_state_of(&mut w.tx, tenant, user)?.unwrap_or_default();
+            // A user with throttle state exists; only a first failure needs the
+            // wider check.
+            let state = match user_state_of(&mut w.tx, tenant, user)? {
+                Some(state) => state,
+                None if user_exists(&mut w.tx, tenant, user)? => UserStateRow::default(),
+                None => return Ok(()),
+            };
             let next = row_of(policy.fail(&throttle_of(&state), *at));
             put_user_state(&mut w.tx, tenant, user, &next)?;
             let entity = entities::user_state(tenant, user, &next);
