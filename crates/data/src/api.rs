@@ -227,8 +227,8 @@ async fn verify_inner(
         // Replay protection must survive a crash before a code is reported valid,
         // so a success waits for the outbox to commit, and fails closed if it
         // cannot. A failure only counts towards throttling: it joins a group
-        // commit within `outbox::LINGER` without holding the answer, or waking
-        // the writer (a crash in between forgets at most that much of failures).
+        // commit within `outbox::LINGER`, without holding the answer or waking
+        // the writer (a crash in between forgets at most the last 5 ms of them).
         let recorded = if matches!(outcome, Outcome::Valid { .. }) {
             let submitted = node.outbox.submit(events);
             drop(in_flight);
