@@ -29,18 +29,3 @@ pub mod report;
 pub mod server;
 pub mod sync;
 pub mod verify;
-
-/// The nice value of the threads that apply the feed (parsing, the replica's
-/// writes, the index): on a busy core, requests come first and the feed is
-/// applied in the gaps between them. The outbox writer is not lowered, since
-/// an accepted code waits for its commit.
-const BACKGROUND_NICE: i32 = 10;
-
-/// Lower the calling thread to [`BACKGROUND_NICE`]. Linux keeps a nice value per
-/// thread; elsewhere it would lower the whole process, so this does nothing.
-pub(crate) fn background_priority() {
-    #[cfg(target_os = "linux")]
-    if let Err(e) = rustix::process::setpriority_process(None, BACKGROUND_NICE) {
-        tracing::debug!(error = %e, "cannot lower a background thread's priority");
-    }
-}

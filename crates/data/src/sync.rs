@@ -259,8 +259,7 @@ fn apply_lines(
     Ok(Some((last, changes.len() as u64)))
 }
 
-/// Run `f` on the replica off the async threads, giving it back afterwards. The
-/// blocking threads it runs on are lowered to background priority.
+/// Run `f` on the replica off the async threads, giving it back afterwards.
 async fn with_replica<T: Send + 'static>(
     slot: &mut Option<Replica>,
     f: impl FnOnce(&mut Replica) -> Result<T, ReplicaError> + Send + 'static,
@@ -269,7 +268,6 @@ async fn with_replica<T: Send + 'static>(
         .take()
         .ok_or_else(|| SyncError::Worker("replica missing".into()))?;
     let (replica, result) = tokio::task::spawn_blocking(move || {
-        crate::background_priority();
         let result = f(&mut replica);
         (replica, result)
     })
