@@ -226,9 +226,9 @@ async fn verify_inner(
     if !events.is_empty() {
         // Replay protection must survive a crash before a code is reported valid,
         // so a success waits for the outbox to commit, and fails closed if it
-        // cannot. A failure only counts towards throttling: it joins a group
-        // commit within `outbox::LINGER`, without holding the answer or waking
-        // the writer (a crash in between forgets at most the last 5 ms of them).
+        // cannot. A failure only counts towards throttling: it is queued for a
+        // group commit about `outbox::LINGER` later, without holding the answer
+        // (a crash in between forgets those few milliseconds of failures).
         let recorded = if matches!(outcome, Outcome::Valid { .. }) {
             let submitted = node.outbox.submit(events);
             drop(in_flight);

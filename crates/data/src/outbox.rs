@@ -30,8 +30,9 @@ use twofold_core::feed::{NumberedEvent, UsageEvent};
 
 const FILE: &str = "local.db";
 
-/// Longest time a recorded (not submitted) event waits for its commit: the
-/// most a crash can forget of them.
+/// How long the writer, woken by the first recorded (not submitted) event of a
+/// batch, waits for more to join its commit. A crash forgets the batch being
+/// gathered; a graceful shutdown commits it ([`Outbox::flush`]).
 pub const LINGER: Duration = Duration::from_millis(5);
 
 /// Unacknowledged events kept in memory for the reporter. Past it (a control
@@ -256,7 +257,12 @@ impl Outbox {
         Ok(async move { done.await.map_err(|_| OutboxError::Closed)? })
     }
 
-    /// Queue events for a commit within [`LINGER`], without waiting for it.
+    /// Commit everything queued so far and wait for it; for shutdown.
+    pub async fn flush(&self) -> Result<()> {
+        self.submit(Vec::new())?.await
+    }
+
+    /// Queue events for a commit about [`LINGER`] later, without waiting for it.
     pub fn record(&self, events: Events) -> Result<()> {
         if !self.shared.alive.load(Ordering::SeqCst) {
             return Err(OutboxError::Closed);
@@ -368,17 +374,19 @@ impl Writer {
                 other => others.push(other),
             }
         }
-        if !events.is_empty() {
-            let result = self.commit(events);
-            if let Err(e) = &result {
-                tracing::error!(error = %e, "cannot write usage events to the outbox");
-            }
-            for reply in replies {
-                let _ = reply.send(match &result {
-                    Ok(()) => Ok(()),
-                    Err(e) => Err(OutboxError::Other(e.to_string())),
-                });
-            }
+        let result = if events.is_empty() {
+            Ok(())
+        } else {
+            self.commit(events)
+        };
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "cannot write usage events to the outbox");
+        }
+        for reply in replies {
+            let _ = reply.send(match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(OutboxError::Other(e.to_string())),
+            });
         }
         for cmd in others {
             let result = match cmd {
@@ -575,13 +583,17 @@ mod tests {
         opened.outbox.record(vec![(3, failure(12))]).unwrap();
         std::thread::sleep(LINGER * 20);
         assert_eq!(opened.outbox.unacked(), 3);
+        // A flush commits what is queued at once.
+        opened.outbox.record(vec![(4, failure(13))]).unwrap();
+        opened.outbox.flush().await.unwrap();
+        assert_eq!(opened.outbox.unacked(), 4);
         drop(opened);
         let opened = Outbox::open(dir.path()).unwrap();
         assert_eq!(
             numbered(&opened.outbox.unsent(10, u64::MAX).await.unwrap()),
-            [1, 2, 3]
+            [1, 2, 3, 4]
         );
-        assert_eq!(opened.next_id, 4);
+        assert_eq!(opened.next_id, 5);
     }
 
     #[tokio::test]
@@ -627,23 +639,24 @@ mod tests {
     #[tokio::test]
     async fn a_stale_acknowledgement_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let opened = Outbox::open(dir.path()).unwrap();
+        // No memory queue: unsent events come from the file, past acks count.
+        let opened = Outbox::open_with(dir.path(), 0).unwrap();
         let outbox = &opened.outbox;
-        outbox
-            .submit(vec![(1, failure(1)), (2, failure(2))])
-            .unwrap()
-            .await
-            .unwrap();
+        let events = vec![(1, failure(1)), (2, failure(2)), (3, failure(3))];
+        outbox.submit(events).unwrap().await.unwrap();
         outbox.ack(2, 9);
         // A retried report's answer: nothing new merged.
         outbox.ack(1, 12);
-        outbox.prune(9);
-        outbox.submit(vec![(3, failure(3))]).unwrap().await.unwrap();
         assert_eq!(numbered(&outbox.unsent(10, u64::MAX).await.unwrap()), [3]);
+        assert_eq!(outbox.unacked(), 1);
         drop(opened);
         let opened = Outbox::open(dir.path()).unwrap();
-        assert_eq!(opened.stored.len(), 1);
-        assert_eq!(opened.stored[0].acked_seq, None);
+        let acked: Vec<_> = opened
+            .stored
+            .iter()
+            .map(|s| (s.event.id, s.acked_seq))
+            .collect();
+        assert_eq!(acked, [(1, Some(9)), (2, Some(9)), (3, None)]);
     }
 
     #[tokio::test]

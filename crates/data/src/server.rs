@@ -64,8 +64,13 @@ pub async fn serve(
     let shutdown = node.shutdown.clone();
     tracing::info!(addr = %listener.local_addr()?, "data plane listening");
     let http = node.config.http.clone();
+    let node_outbox = node.outbox.clone();
     let result = twofold_serve::serve(listener, api::app(node), &http, shutdown).await;
     let _ = syncer.await;
     let _ = reporter.await;
+    // Failures still queued for a group commit are kept for the next start.
+    if let Err(e) = node_outbox.flush().await {
+        tracing::error!(error = %e, "cannot commit the last usage events at shutdown");
+    }
     result
 }
