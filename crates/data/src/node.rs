@@ -136,6 +136,10 @@ impl Node {
             })
             .collect();
         replay_local(&index, &stored, covered);
+        if covered > 0 {
+            // Events the replica covered before this start.
+            outbox.prune(covered);
+        }
         let http = feed_client(&config)?;
         let node = Node {
             config,
@@ -217,10 +221,11 @@ impl Node {
     /// The replica has applied `applied`.
     pub fn set_applied(&self, applied: u64) {
         self.sync.applied.store(applied, Ordering::SeqCst);
-        self.outbox.prune(applied);
         self.advance_covered();
     }
 
+    /// Move `covered_through` past every ack whose change the replica has
+    /// applied; the outbox no longer needs the events it covers.
     fn advance_covered(&self) {
         let applied = self.sync.applied.load(Ordering::SeqCst);
         let mut acks = self.acks.lock().unwrap_or_else(|p| p.into_inner());
@@ -233,7 +238,9 @@ impl Node {
                 true
             }
         });
-        self.covered_through.store(covered, Ordering::SeqCst);
+        if covered > self.covered_through.swap(covered, Ordering::SeqCst) {
+            self.outbox.prune(covered);
+        }
     }
 
     pub fn mark_contact(&self) {

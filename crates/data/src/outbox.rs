@@ -17,7 +17,7 @@
 //! are rows of their own (`acks`), one per report rather than one update per
 //! event.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -74,7 +74,7 @@ enum Command {
         seq: u64,
     },
     Prune {
-        applied: u64,
+        through: u64,
     },
 }
 
@@ -179,7 +179,7 @@ impl Outbox {
                 id
             }
         };
-        let acks: VecDeque<(u64, u64)> = {
+        let acks: Vec<(u64, u64)> = {
             let mut stmt = conn.prepare("SELECT through, seq FROM acks ORDER BY through")?;
             stmt.query_map([], |r| {
                 Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
@@ -229,8 +229,7 @@ impl Outbox {
             conn,
             max_queued,
             shared: shared.clone(),
-            acked_through: acks.back().map_or(0, |(through, _)| *through),
-            acks,
+            acked_through: acks.last().map_or(0, |(through, _)| *through),
             queue: if complete { unsent } else { BTreeMap::new() },
             complete,
         };
@@ -303,10 +302,10 @@ impl Outbox {
         let _ = self.tx.send(Command::Ack { through, seq });
     }
 
-    /// The replica has applied `applied`: acknowledged events merged at or before
-    /// it are no longer needed.
-    pub fn prune(&self, applied: u64) {
-        let _ = self.tx.send(Command::Prune { applied });
+    /// Events up to `through` are covered by the applied replica (the node
+    /// decides this from its acks) and are no longer needed.
+    pub fn prune(&self, through: u64) {
+        let _ = self.tx.send(Command::Prune { through });
     }
 }
 
@@ -353,8 +352,6 @@ struct Writer {
     /// Whether `queue` holds every committed event not yet acknowledged; if
     /// not, the reporter's events are read from the file.
     complete: bool,
-    /// Stored acknowledgements not yet pruned, `(through, seq)`, oldest first.
-    acks: VecDeque<(u64, u64)>,
     /// The highest event id acknowledged.
     acked_through: u64,
 }
@@ -395,7 +392,7 @@ impl Writer {
                     Ok(())
                 }
                 Command::Ack { through, seq } => self.ack(through, seq),
-                Command::Prune { applied } => self.prune(applied),
+                Command::Prune { through } => self.prune(through),
                 Command::Submit(..) | Command::Flush => Ok(()),
             };
             if let Err(e) = result {
@@ -481,7 +478,6 @@ impl Writer {
                 })? as u64
         };
         self.acked_through = through;
-        self.acks.push_back((through, seq));
         let left = self
             .shared
             .unacked
@@ -495,23 +491,17 @@ impl Writer {
         Ok(())
     }
 
-    fn prune(&mut self, applied: u64) -> Result<()> {
-        let mut through = None;
-        while let Some(&(t, _)) = self.acks.front().filter(|(_, seq)| *seq <= applied) {
-            through = Some(t);
-            self.acks.pop_front();
-        }
-        if let Some(through) = through {
-            let tx = self.conn.transaction()?;
-            tx.prepare_cached("DELETE FROM outbox WHERE id <= ?")?
-                .execute([through as i64])?;
-            tx.prepare_cached("DELETE FROM acks WHERE through <= ?")?
-                .execute([through as i64])?;
-            tx.commit()?;
-        }
+    fn prune(&mut self, through: u64) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.prepare_cached("DELETE FROM outbox WHERE id <= ?")?
+            .execute([through as i64])?;
+        tx.prepare_cached("DELETE FROM acks WHERE through <= ?")?
+            .execute([through as i64])?;
+        tx.commit()?;
         Ok(())
     }
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -555,8 +545,8 @@ mod tests {
         assert_eq!(opened.stored[1].acked_seq, Some(50));
         assert_eq!(opened.stored[2].acked_seq, None);
         assert_eq!(opened.outbox.unacked(), 1);
-        opened.outbox.prune(49);
-        opened.outbox.prune(50);
+        // The node prunes once the change of seq 50 is applied: through id 2.
+        opened.outbox.prune(2);
         assert_eq!(opened.outbox.unsent(10, u64::MAX).await.unwrap()[0].id, 3);
         drop(opened);
 
@@ -567,6 +557,15 @@ mod tests {
 
     fn numbered(events: &[NumberedEvent]) -> Vec<u64> {
         events.iter().map(|e| e.id).collect()
+    }
+
+    /// Each stored event's id with the seq of its acknowledgement.
+    fn acked(opened: &Opened) -> Vec<(u64, Option<u64>)> {
+        opened
+            .stored
+            .iter()
+            .map(|s| (s.event.id, s.acked_seq))
+            .collect()
     }
 
     #[tokio::test]
@@ -624,16 +623,11 @@ mod tests {
         outbox.submit(vec![(5, failure(5))]).unwrap().await.unwrap();
         assert_eq!(numbered(&outbox.unsent(10, u64::MAX).await.unwrap()), [5]);
         assert_eq!(outbox.unacked(), 1);
-        outbox.prune(7);
+        outbox.prune(3); // the change of seq 7 is applied
         outbox.unsent(1, 0).await.unwrap(); // the writer is done with the prune
         drop(opened);
         let opened = Outbox::open(dir.path()).unwrap();
-        let acked: Vec<_> = opened
-            .stored
-            .iter()
-            .map(|s| (s.event.id, s.acked_seq))
-            .collect();
-        assert_eq!(acked, [(4, Some(8)), (5, None)]);
+        assert_eq!(acked(&opened), [(4, Some(8)), (5, None)]);
     }
 
     #[tokio::test]
@@ -651,12 +645,7 @@ mod tests {
         assert_eq!(outbox.unacked(), 1);
         drop(opened);
         let opened = Outbox::open(dir.path()).unwrap();
-        let acked: Vec<_> = opened
-            .stored
-            .iter()
-            .map(|s| (s.event.id, s.acked_seq))
-            .collect();
-        assert_eq!(acked, [(1, Some(9)), (2, Some(9)), (3, None)]);
+        assert_eq!(acked(&opened), [(1, Some(9)), (2, Some(9)), (3, None)]);
     }
 
     #[tokio::test]
@@ -685,18 +674,16 @@ mod tests {
         }
         let opened = Outbox::open(dir.path()).unwrap();
         assert_eq!(opened.node_id, "node_old");
-        let acked: Vec<_> = opened
-            .stored
-            .iter()
-            .map(|s| (s.event.id, s.acked_seq))
-            .collect();
-        assert_eq!(acked, [(1, Some(5)), (2, Some(5)), (3, Some(6)), (4, None)]);
+        assert_eq!(
+            acked(&opened),
+            [(1, Some(5)), (2, Some(5)), (3, Some(6)), (4, None)]
+        );
         assert_eq!(opened.outbox.unacked(), 1);
         assert_eq!(
             numbered(&opened.outbox.unsent(10, u64::MAX).await.unwrap()),
             [4]
         );
-        opened.outbox.prune(5);
+        opened.outbox.prune(2); // the change of seq 5 is applied
         opened.outbox.unsent(1, 0).await.unwrap(); // the writer is done with the prune
         drop(opened);
         let opened = Outbox::open(dir.path()).unwrap();
