@@ -17,6 +17,11 @@ use twofold_control::store::Database;
 
 use crate::settings::{CommonArgs, ControlArgs, DataArgs, File, LogFormat, ThrottleArgs};
 
+/// glibc's malloc took about a tenth of the data plane's cycles on the verify
+/// path (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Twofold: multi-factor authentication (TOTP and backup codes) that keeps
 /// verifying when everything around it fails.
 ///
