@@ -26,7 +26,8 @@ use libfuzzer_sys::fuzz_target;
 use tower::ServiceExt as _;
 use twofold_core::backup::BackupCodes;
 use twofold_core::feed::{
-    ApiKeyRecord, BackupCodeEntry, BackupCodesRecord, Entity, TotpRecord, UserStateRecord,
+    ApiKeyRecord, BackupCodeEntry, BackupCodesRecord, Entity, TotpRecord, UsageAck,
+    UserStateRecord,
 };
 use twofold_core::ids::API_KEY_HASH_DOMAIN;
 use twofold_core::otp::{self, Algorithm, TotpParams};
@@ -183,9 +184,20 @@ fn replace(body: &[u8], mark: &[u8], with: &str) -> Vec<u8> {
 fn play_control_plane(fx: &Fixture) {
     let seq = fx.seq.fetch_add(1, Ordering::SeqCst) + 1;
     let through = fx.node.reportable_below().saturating_sub(1);
-    fx.node.record_ack(through, seq);
+    let ack = UsageAck {
+        through,
+        seq,
+        counted_from: Some(seq),
+    };
+    let events = fx
+        .rt
+        .block_on(fx.node.outbox.unsent(usize::MAX, through.saturating_add(1)))
+        .expect("the outbox answers");
+    fx.node.record_ack(&ack, &events);
     fx.node.index().apply(vec![
-        prepare_put(&alice_state()).expect("a valid record"),
+        prepare_put(&alice_state())
+            .expect("a valid record")
+            .at(seq),
         prepare_put(&fx.fresh_backup).expect("a valid record"),
     ]);
     fx.node.set_applied(seq);

@@ -80,16 +80,31 @@ async fn reports_merge_and_retries_change_nothing() {
         .expect("codes");
     assert_eq!(used.iter().filter(|u| **u).count(), 1);
     assert!(used[4]);
-    let failures = state.iter().find_map(|e| match e {
-        Entity::UserState(u) if u.user == "alice" => Some(u.failures),
-        _ => None,
-    });
-    assert_eq!(failures, Some(1));
     assert!(
-        !state
-            .iter()
-            .any(|e| matches!(e, Entity::UserState(u) if u.user == "nobody")),
-        "failures of unknown users are not recorded"
+        !state.iter().any(|e| matches!(e, Entity::UserState(_))),
+        "a failure that starts no backoff is counted, not published"
+    );
+    assert_eq!(
+        ack["counted_from"].as_u64(),
+        Some(head),
+        "the change of this merge is the first to count its events"
+    );
+    let failures = |listed: Value| listed["failures"].as_u64();
+    let factors = format!("/v1/users/{}/factors", enc("alice"));
+    assert_eq!(
+        failures(server.get(&factors, &tenant.manage).await.1),
+        Some(1)
+    );
+    let (status, _) = server
+        .get(
+            &format!("/v1/users/{}/factors", enc("nobody")),
+            &tenant.manage,
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "unknown users are not recorded"
     );
     let (_, summary) = server
         .get(
@@ -109,8 +124,27 @@ async fn reports_merge_and_retries_change_nothing() {
         "a retried report publishes nothing"
     );
 
-    // A success resets the count.
-    let (status, _) = server
+    // A second failure, from another node: counted, still nothing published,
+    // and its ack says the next change is the first to count it.
+    let (status, ack) = server
+        .post(
+            "/v1/feed/usage",
+            OPERATOR,
+            json!({"node": "node_b", "events": [event(1, json!({"type": "failure", "tenant": t, "user": "alice", "at": 1_700_000_000u64}))]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(server.head().await, head, "nothing published");
+    assert_eq!(ack["seq"].as_u64(), Some(head));
+    assert_eq!(ack["counted_from"].as_u64(), Some(head + 1));
+    assert_eq!(
+        failures(server.get(&factors, &tenant.manage).await.1),
+        Some(2)
+    );
+
+    // A success resets the count, and the reset is published so that every
+    // node drops the failures it counts on its own.
+    let (status, ack) = server
         .post(
             "/v1/feed/usage",
             OPERATOR,
@@ -118,11 +152,43 @@ async fn reports_merge_and_retries_change_nothing() {
         )
         .await;
     assert_eq!(status, StatusCode::OK);
-    let failures = entities(&server).await.into_iter().find_map(|e| match e {
+    assert_eq!(ack["seq"].as_u64(), Some(head + 1));
+    let published = entities(&server).await.into_iter().find_map(|e| match e {
         Entity::UserState(u) if u.user == "alice" => Some(u.failures),
         _ => None,
     });
-    assert_eq!(failures, Some(0));
+    assert_eq!(published, Some(0));
+    assert_eq!(
+        failures(server.get(&factors, &tenant.manage).await.1),
+        Some(0)
+    );
+
+    // An accepted code resets failures too: a node that did not know of the
+    // unpublished ones sends no `success`.
+    let (status, _) = server
+        .post(
+            "/v1/feed/usage",
+            OPERATOR,
+            json!({"node": "node_b", "events": [event(2, json!({"type": "failure", "tenant": t, "user": "alice", "at": 1_700_000_000u64}))]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        failures(server.get(&factors, &tenant.manage).await.1),
+        Some(1)
+    );
+    let (status, _) = server
+        .post(
+            "/v1/feed/usage",
+            OPERATOR,
+            json!({"node": "node_a", "events": [event(7, json!({"type": "totp_accepted", "tenant": t, "user": "alice", "factor": factor.id, "step": 99_000_000_001u64}))]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        failures(server.get(&factors, &tenant.manage).await.1),
+        Some(0)
+    );
 }
 
 async fn failures_from_several_nodes_combine_into_a_throttle() {

@@ -292,12 +292,27 @@ pub struct UsageReport {
     pub events: Vec<NumberedEvent>,
 }
 
-/// Answer to a usage report: events up to `through` are merged, and the merged
-/// state is in the change log at or before `seq`.
+/// Answer to a usage report: events up to `through` are merged, and every
+/// change the merge published is at or before `seq`.
+///
+/// A failure that does not change what its user may do is merged without being
+/// published; the user's state is published later, counting it, when one does.
+/// `counted_from` is the first seq at which a published state counts the
+/// events. A control plane that does not send it published every merge, and
+/// `seq` stands in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageAck {
     pub through: u64,
     pub seq: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counted_from: Option<u64>,
+}
+
+impl UsageAck {
+    /// The first seq at which a published user state counts the merged events.
+    pub fn counted_from(&self) -> u64 {
+        self.counted_from.unwrap_or(self.seq)
+    }
 }
 
 /// Body of `POST /v1/feed/backup-code-use`: a data plane in strict mode asks the

@@ -182,7 +182,6 @@ async fn verify_inner(
             user: &request.user,
             code: &request.code,
             now: now_secs(),
-            covered_through: node.covered_through(),
         };
         index
             .with_user(&key.tenant, &request.user, |user| {

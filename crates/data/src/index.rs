@@ -85,17 +85,31 @@ pub enum LocalEvent {
     Success,
 }
 
+/// `Pending::counted_from` of an event the control plane has not merged yet.
+const NOT_MERGED: u64 = u64::MAX;
+
 #[derive(Debug, Clone, Copy)]
 struct Pending {
     id: u64,
     event: LocalEvent,
+    /// The first seq whose published state counts this event, once the control
+    /// plane has merged it; [`NOT_MERGED`] until then.
+    counted_from: u64,
 }
 
 /// Throttle state, kept only for users that have any.
+///
+/// The control plane publishes a user's state only when it changes what the
+/// user may do (a backoff starts or grows, a lock, a reset), not on every
+/// failure it merges. So an event of this node stays pending, and counted
+/// here, until a state published at or after its `counted_from` arrives.
 #[derive(Debug, Clone, Default)]
 struct ThrottleState {
     /// As last published by the control plane.
     feed: Throttle,
+    /// The seq `feed` was published at: the change's, or the snapshot's or
+    /// replica's when it was loaded with one.
+    feed_seq: u64,
     /// This node's events not yet reflected in `feed`, oldest first.
     pending: Vec<Pending>,
 }
@@ -287,12 +301,13 @@ impl User {
     }
 
     /// The throttle state to enforce: the feed's, with this node's events that
-    /// the feed has not caught up with replayed on top.
-    pub fn throttle(&mut self, covered_through: u64, policy: &ThrottlePolicy) -> Throttle {
+    /// the feed does not count yet replayed on top.
+    pub fn throttle(&mut self, policy: &ThrottlePolicy) -> Throttle {
         let Some(state) = self.throttle.as_deref_mut() else {
             return Throttle::default();
         };
-        state.pending.retain(|p| p.id > covered_through);
+        let feed_seq = state.feed_seq;
+        state.pending.retain(|p| p.counted_from > feed_seq);
         state.pending.iter().fold(state.feed, |t, p| match p.event {
             LocalEvent::Failure { at } => policy.fail(&t, at),
             LocalEvent::Success => t.succeed(),
@@ -301,10 +316,21 @@ impl User {
 
     /// Record an event of this node, numbered as in its outbox.
     pub fn push_event(&mut self, id: u64, event: LocalEvent) {
-        self.throttle
-            .get_or_insert_default()
-            .pending
-            .push(Pending { id, event });
+        self.throttle.get_or_insert_default().pending.push(Pending {
+            id,
+            event,
+            counted_from: NOT_MERGED,
+        });
+    }
+
+    /// The control plane merged event `id`: every state it publishes from seq
+    /// `counted_from` on counts it.
+    pub fn mark_counted(&mut self, id: u64, counted_from: u64) {
+        if let Some(state) = self.throttle.as_deref_mut()
+            && let Some(pending) = state.pending.iter_mut().find(|p| p.id == id)
+        {
+            pending.counted_from = counted_from;
+        }
     }
 
     /// Forget an event pushed for an attempt that was then not recorded.
@@ -399,11 +425,13 @@ impl User {
         }
     }
 
-    fn set_feed_throttle(&mut self, throttle: Throttle) {
+    fn set_feed_throttle(&mut self, throttle: Throttle, seq: u64) {
         if throttle == Throttle::default() && self.throttle.is_none() {
             return;
         }
-        self.throttle.get_or_insert_default().feed = throttle;
+        let state = self.throttle.get_or_insert_default();
+        state.feed = throttle;
+        state.feed_seq = seq;
     }
 }
 
@@ -440,6 +468,8 @@ pub enum Prepared {
         tenant: Box<str>,
         user: Box<str>,
         throttle: Throttle,
+        /// The seq this state was published at ([`Prepared::at`]).
+        seq: u64,
     },
     DeleteThrottle {
         tenant: Box<str>,
@@ -469,6 +499,17 @@ fn checked_id(kind: &'static str, id: &str) -> Result<Box<str>, RecordError> {
         return Err(invalid(kind, "empty or overlong id"));
     }
     Ok(id.into())
+}
+
+impl Prepared {
+    /// This op as published at `seq`: a user's throttle state keeps the seq,
+    /// to tell which of this node's events it already counts.
+    pub fn at(mut self, at: u64) -> Prepared {
+        if let Prepared::PutThrottle { seq, .. } = &mut self {
+            *seq = at;
+        }
+        self
+    }
 }
 
 /// Check one feed op and convert it, without touching the index.
@@ -579,6 +620,7 @@ pub fn prepare_put(entity: &Entity) -> Result<Prepared, RecordError> {
                     locked: u.locked,
                     throttled_until: u.throttled_until,
                 },
+                seq: 0,
             }
         }
     })
@@ -850,8 +892,9 @@ impl Index {
                     tenant,
                     user,
                     throttle,
+                    seq,
                 } => {
-                    self.update_user(&tenant, &user, |u| u.set_feed_throttle(throttle));
+                    self.update_user(&tenant, &user, |u| u.set_feed_throttle(throttle, seq));
                 }
                 Prepared::DeleteThrottle { tenant, user } => {
                     self.update_user(&tenant, &user, |u| u.throttle = None);
@@ -1114,25 +1157,44 @@ mod tests {
     }
 
     #[test]
-    fn pending_events_replay_over_the_feed_state_until_covered() {
+    fn pending_events_replay_over_the_feed_state_until_it_counts_them() {
         let policy = ThrottlePolicy::default();
+        let throttled = |failures| Throttle {
+            failures,
+            locked: false,
+            throttled_until: Some(130),
+        };
         let mut user = User::default();
         for id in 1..=5 {
             user.push_event(id, LocalEvent::Failure { at: 100 });
         }
-        assert_eq!(user.throttle(0, &policy).failures, 5);
-        assert!(user.throttle(0, &policy).throttled_until.is_some());
-        // The feed now holds events 1..=3 merged with another node's 2 failures.
-        user.set_feed_throttle(Throttle {
-            failures: 5,
-            locked: false,
-            throttled_until: Some(130),
-        });
-        assert_eq!(user.throttle(3, &policy).failures, 7);
+        assert_eq!(user.throttle(&policy).failures, 5);
+        assert!(user.throttle(&policy).throttled_until.is_some());
+        // Events 1..=3 were merged in the report answered with counted_from 11,
+        // events 4 and 5 in the one answered with 12.
+        for id in 1..=3 {
+            user.mark_counted(id, 11);
+        }
+        for id in 4..=5 {
+            user.mark_counted(id, 12);
+        }
+        // A state published at 10 counts none of them, whatever it says.
+        user.set_feed_throttle(throttled(2), 10);
+        assert_eq!(user.throttle(&policy).failures, 7);
+        // At 11 it counts events 1..=3, merged with another node's 2 failures.
+        user.set_feed_throttle(throttled(5), 11);
+        assert_eq!(user.throttle(&policy).failures, 7);
         user.push_event(6, LocalEvent::Success);
-        assert_eq!(user.throttle(3, &policy).failures, 0);
+        assert_eq!(user.throttle(&policy).failures, 0);
         user.forget_event(6);
-        assert_eq!(user.throttle(3, &policy).failures, 7);
+        assert_eq!(user.throttle(&policy).failures, 7);
+        // At 12 it counts all five.
+        user.set_feed_throttle(throttled(7), 12);
+        assert_eq!(user.throttle(&policy).failures, 7);
+        // An event never merged stays counted here, whatever the feed says.
+        user.push_event(7, LocalEvent::Failure { at: 100 });
+        user.set_feed_throttle(throttled(7), 40);
+        assert_eq!(user.throttle(&policy).failures, 8);
     }
 
     fn backup_op(set_id: &str, used: &[bool]) -> Prepared {
@@ -1230,7 +1292,7 @@ mod tests {
         fresh.adopt_local_state(&old);
         assert_eq!(steps(&fresh), vec![Some(30)]);
         let failures = fresh.with_user("tn_a", "alice", |u| {
-            u.throttle(0, &ThrottlePolicy::default()).failures
+            u.throttle(&ThrottlePolicy::default()).failures
         });
         assert_eq!(failures, Some(1));
     }

@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use twofold_core::feed::UsageEvent;
+use twofold_core::feed::{NumberedEvent, UsageAck, UsageEvent};
 
 use crate::config::Config;
 use crate::index::{Index, LocalEvent};
@@ -204,12 +204,22 @@ impl Node {
         ids.in_flight.first().copied().unwrap_or(ids.next)
     }
 
-    pub fn covered_through(&self) -> u64 {
-        self.covered_through.load(Ordering::SeqCst)
-    }
-
-    /// The control plane merged events up to `through` in change `seq`.
-    pub fn record_ack(&self, through: u64, seq: u64) {
+    /// The control plane merged `events` (up to `through`), publishing what it
+    /// did at or before `ack.seq`: the outbox may drop them once the replica
+    /// has applied that far, and the users' states count them from
+    /// `ack.counted_from()` on.
+    pub fn record_ack(&self, ack: &UsageAck, events: &[NumberedEvent]) {
+        let (through, seq) = (ack.through, ack.seq);
+        let counted_from = ack.counted_from();
+        let index = self.index();
+        for numbered in events.iter().filter(|e| e.id <= through) {
+            if let UsageEvent::Failure { tenant, user, .. } | UsageEvent::Success { tenant, user } =
+                &numbered.event
+            {
+                index.with_user(tenant, user, |u| u.mark_counted(numbered.id, counted_from));
+            }
+        }
+        drop(index);
         self.outbox.ack(through, seq);
         self.acks
             .lock()
@@ -283,16 +293,28 @@ fn replay_local(index: &Index, stored: &[Stored], covered: u64) {
             }
             UsageEvent::Failure { tenant, user, at } if s.event.id > covered => {
                 index.with_user(tenant, user, |u| {
-                    u.push_event(s.event.id, LocalEvent::Failure { at: *at })
+                    u.push_event(s.event.id, LocalEvent::Failure { at: *at });
+                    mark_replayed(u, s);
                 });
             }
             UsageEvent::Success { tenant, user } if s.event.id > covered => {
                 index.with_user(tenant, user, |u| {
-                    u.push_event(s.event.id, LocalEvent::Success)
+                    u.push_event(s.event.id, LocalEvent::Success);
+                    mark_replayed(u, s);
                 });
             }
             UsageEvent::Failure { .. } | UsageEvent::Success { .. } => {}
         }
+    }
+}
+
+/// An event merged before the restart, in a change the replica had not applied:
+/// the outbox keeps the ack's `seq`, not its `counted_from`, so the event counts
+/// here until a state published after that seq arrives, which is when it surely
+/// counts it.
+fn mark_replayed(user: &mut crate::index::User, stored: &Stored) {
+    if let Some(seq) = stored.acked_seq {
+        user.mark_counted(stored.event.id, seq.saturating_add(1));
     }
 }
 
@@ -318,6 +340,59 @@ mod tests {
             CancellationToken::new(),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn an_ack_leaves_events_counted_here_until_a_state_published_from_its_seq() {
+        use twofold_core::throttle::{Throttle, ThrottlePolicy};
+
+        use crate::index::Prepared;
+
+        let dir = tempfile::tempdir().unwrap();
+        let node = node(dir.path());
+        let put = |failures, seq| Prepared::PutThrottle {
+            tenant: "tn_a".into(),
+            user: "alice".into(),
+            throttle: Throttle {
+                failures,
+                locked: false,
+                throttled_until: Some(99),
+            },
+            seq,
+        };
+        let failures = || {
+            node.index()
+                .with_user("tn_a", "alice", |u| {
+                    u.throttle(&ThrottlePolicy::default()).failures
+                })
+                .unwrap()
+        };
+        node.index().apply(vec![put(5, 1)]);
+        let id = node.next_event_id();
+        node.index().with_user("tn_a", "alice", |u| {
+            u.push_event(id, LocalEvent::Failure { at: 10 })
+        });
+        assert_eq!(failures(), 6);
+        let event = NumberedEvent {
+            id,
+            event: UsageEvent::Failure {
+                tenant: "tn_a".into(),
+                user: "alice".into(),
+                at: 10,
+            },
+        };
+        let ack = UsageAck {
+            through: id,
+            seq: 2,
+            counted_from: Some(3),
+        };
+        node.record_ack(&ack, &[event]);
+        // Published at 2, before the merge: this node's failure is not in it.
+        node.index().apply(vec![put(5, 2)]);
+        assert_eq!(failures(), 6);
+        // Published at 3 or later: it is.
+        node.index().apply(vec![put(7, 3)]);
+        assert_eq!(failures(), 7);
     }
 
     #[test]

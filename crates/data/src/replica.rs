@@ -168,7 +168,7 @@ impl Replica {
                 .map_err(|e| ReplicaError::Corrupt(e.to_string()))?;
             let entity: Entity =
                 serde_json::from_slice(body).map_err(|e| ReplicaError::Corrupt(e.to_string()))?;
-            batch.push(prepare(&Op::Put { entity })?);
+            batch.push(prepare(&Op::Put { entity })?.at(self.position.applied));
             count += 1;
             if batch.len() == batch.capacity() {
                 index.apply(std::mem::take(&mut batch));

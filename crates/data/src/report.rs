@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use reqwest::header::CONTENT_TYPE;
-use twofold_core::feed::{BackupCodeUse, BackupCodeUseAck, NumberedEvent, UsageAck, UsageReport};
+use twofold_core::feed::{BackupCodeUse, BackupCodeUseAck, UsageAck, UsageReport};
 
 use crate::node::Node;
 use crate::sync::Backoff;
@@ -41,14 +41,9 @@ pub async fn send(
     client: &reqwest::Client,
     url: &str,
     token: &str,
-    node_id: &str,
-    events: Vec<NumberedEvent>,
+    report: &UsageReport,
 ) -> Result<UsageAck, ReportError> {
-    let report = UsageReport {
-        node: node_id.to_owned(),
-        events,
-    };
-    let body = serde_json::to_vec(&report).map_err(|e| ReportError::Ack(e.to_string()))?;
+    let body = serde_json::to_vec(report).map_err(|e| ReportError::Ack(e.to_string()))?;
     let response = client
         .post(format!("{}/v1/feed/usage", url.trim_end_matches('/')))
         .bearer_auth(token)
@@ -135,9 +130,13 @@ pub async fn run(node: Arc<Node>) {
         };
         last_start = Some(tokio::time::Instant::now());
         backlog = events.len() == BATCH;
-        match send(&client, url, &node.config.node_token, &node.node_id, events).await {
+        let report = UsageReport {
+            node: node.node_id.clone(),
+            events,
+        };
+        match send(&client, url, &node.config.node_token, &report).await {
             Ok(ack) => {
-                node.record_ack(ack.through, ack.seq);
+                node.record_ack(&ack, &report.events);
                 backoff.reset();
             }
             Err(e) => {

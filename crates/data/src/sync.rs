@@ -165,7 +165,7 @@ pub fn check_batch(applied: u64, changes: &[Change]) -> Result<Vec<Prepared>, Sy
             });
         }
         for op in &change.ops {
-            prepared.push(prepare(op)?);
+            prepared.push(prepare(op)?.at(change.seq));
         }
     }
     Ok(prepared)
@@ -420,7 +420,7 @@ async fn bootstrap(
                     let body = SnapshotLine::entity_bytes(&line)
                         .map_or_else(|| entity.canonical_bytes(), <[u8]>::to_vec);
                     digest.add_canonical(&body);
-                    prepared.push(prepare_put(&entity)?);
+                    prepared.push(prepare_put(&entity)?.at(begin.unwrap_or_default()));
                     batch.push((key_text(&entity.key()), body));
                 }
                 SnapshotLine::End { seq, count, digest } if begin.is_some() => {

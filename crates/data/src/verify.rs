@@ -53,8 +53,6 @@ pub struct Attempt<'a> {
     pub code: &'a str,
     /// Unix time in seconds.
     pub now: u64,
-    /// Throttle events of this node with ids up to this are in the feed's state.
-    pub covered_through: u64,
 }
 
 /// The verifier: keys, limits and the dummy factor for unknown users.
@@ -100,7 +98,7 @@ impl Verifier {
         attempt: Attempt<'_>,
         next_id: &mut dyn FnMut() -> u64,
     ) -> (Outcome, Vec<(u64, UsageEvent)>) {
-        let throttle = user.throttle(attempt.covered_through, &self.policy);
+        let throttle = user.throttle(&self.policy);
         match throttle.admission(attempt.now) {
             Admission::Locked => return (Outcome::Locked, Vec::new()),
             Admission::Throttled { retry_after } => {
@@ -318,7 +316,6 @@ mod tests {
             user: USER,
             code,
             now,
-            covered_through: 0,
         }
     }
 
@@ -394,7 +391,7 @@ mod tests {
         );
         assert_eq!(
             index.with_user(TENANT, USER, |u| u
-                .throttle(0, &ThrottlePolicy::default())
+                .throttle(&ThrottlePolicy::default())
                 .failures),
             Some(0)
         );

@@ -239,7 +239,8 @@ async fn concurrent_failures_cannot_slip_past_the_throttle() {
     let (failed, throttled) = burst(&cluster.data, key, "nobody", "123456", 20).await;
     assert_eq!((failed, throttled), (5, 15), "unknown user");
 
-    // Failures on one node count on every node, once reported.
+    // Failures on one node count on every node, once reported: the control
+    // plane adds them up and publishes the backoff when the sum starts one.
     let other = cluster.another_data_plane().await;
     let erin = cluster
         .control
@@ -253,9 +254,20 @@ async fn concurrent_failures_cannot_slip_past_the_throttle() {
         );
     }
     cluster.data.wait_reported().await;
+    for _ in 0..2 {
+        assert_eq!(
+            other.verify(key, "erin", &erin.wrong_code()).await,
+            (StatusCode::OK, invalid())
+        );
+    }
+    other.wait_reported().await;
     other.wait_synced(&cluster.control).await;
-    let (failed, throttled) = burst(&other, key, "erin", &erin.wrong_code(), 20).await;
-    assert_eq!((failed, throttled), (2, 18), "3 failures elsewhere, 2 here");
+    cluster.data.wait_synced(&cluster.control).await;
+    // Each node saw fewer than the 5 free failures, and both now refuse.
+    for node in [&cluster.data, &other] {
+        let reply = node.verify_reply(key, "erin", &erin.wrong_code()).await;
+        assert_error(&reply, StatusCode::TOO_MANY_REQUESTS, "throttled");
+    }
 
     // The failures reach the control plane; unlocking there lifts the throttle.
     cluster.data.wait_reported().await;
@@ -499,9 +511,11 @@ async fn strict_backup_codes_wait_for_the_control_plane() {
         (StatusCode::OK, valid("totp", &factor.id))
     );
     // The unconfirmed code counted neither as a success nor as a failure: after
-    // three failures, two more are allowed, not five.
+    // its own two failures, this node allows three more, not five (a success)
+    // nor two (a failure). The failure on the other node started no backoff,
+    // so it was counted on the control plane but not published here.
     let (failed, throttled) = burst(&a, &key, "pat", "0000-0000-0000", 20).await;
-    assert_eq!((failed, throttled), (2, 18));
+    assert_eq!((failed, throttled), (3, 17));
 
     // Back again: once unlocked, the code given back is good.
     control.restart().await;

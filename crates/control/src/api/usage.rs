@@ -60,7 +60,7 @@ fn check(report: &UsageReport) -> Result<(), ApiError> {
     security(("bearer" = [])),
     request_body(content = Object, description = "a usage report: `{\"node\": ..., \"events\": [{\"id\": n, \"type\": \"totp_accepted\" | \"backup_code_used\" | \"failure\" | \"success\", ...}]}` (see docs/feed.md)"),
     responses(
-        (status = 200, description = "`{\"through\": id, \"seq\": seq}`: events up to `through` are merged, and the result is in the log at or before `seq`", body = Object),
+        (status = 200, description = "`{\"through\": id, \"seq\": seq, \"counted_from\": seq}`: events up to `through` are merged, what the merge published is in the log at or before `seq`, and users' states published from `counted_from` on count the events", body = Object),
         (status = 400, description = "invalid_report or invalid_json", body = ErrorBody),
         (status = 401, description = "missing or invalid credentials", body = ErrorBody),
         (status = 403, description = "the caller is neither the operator nor a key with the `replicate` scope", body = ErrorBody),

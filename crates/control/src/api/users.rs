@@ -507,7 +507,7 @@ pub async fn list_factors(
             total: b.total,
         }),
         locked: user_state.locked,
-        failures: user_state.failures,
+        failures: user_state.all_failures(),
     }))
 }
 

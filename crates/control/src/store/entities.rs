@@ -205,11 +205,49 @@ pub(super) fn user_state_of(
     )
 }
 
+/// A user's state as published, with its failures merged since, if it has any.
+pub(super) fn whole_user_state(
+    conn: &mut Conn<'_, '_>,
+    tenant: &str,
+    user: &str,
+) -> Result<Option<UserStateRow>> {
+    let published = user_state_of(conn, tenant, user)?;
+    let unpublished: Option<u32> = conn.query_opt(
+        "SELECT failures FROM unpublished_failures WHERE tenant = ? AND user_id = ?",
+        args![tenant, user],
+        |r| r.int(0),
+    )?;
+    Ok(match (published, unpublished) {
+        (None, None) => None,
+        (published, unpublished) => Some(UserStateRow {
+            unpublished: unpublished.unwrap_or(0),
+            ..published.unwrap_or_default()
+        }),
+    })
+}
+
+/// Count failures merged but not published.
+pub(super) fn put_unpublished(
+    conn: &mut Conn<'_, '_>,
+    tenant: &str,
+    user: &str,
+    failures: u32,
+) -> Result<()> {
+    conn.execute(
+        "INSERT INTO unpublished_failures (tenant, user_id, failures) VALUES (?, ?, ?)
+         ON CONFLICT (tenant, user_id) DO UPDATE SET failures = excluded.failures",
+        args![tenant, user, failures],
+    )?;
+    Ok(())
+}
+
+/// The published part of a user's state, from columns 0 to 2.
 pub(super) fn user_state_row(r: &Row<'_, '_>) -> Result<UserStateRow> {
     Ok(UserStateRow {
         failures: r.int(0)?,
         locked: r.get(1)?,
         throttled_until: r.opt_int(2)?,
+        unpublished: 0,
     })
 }
 
@@ -230,6 +268,11 @@ pub(super) fn put_user_state(
             state.locked,
             state.throttled_until.map(|u| u as i64)
         ],
+    )?;
+    // What is published counts every failure merged so far.
+    conn.execute(
+        "DELETE FROM unpublished_failures WHERE tenant = ? AND user_id = ?",
+        args![tenant, user],
     )?;
     Ok(())
 }

@@ -30,6 +30,7 @@ const TABLES: &[(&str, &str)] = &[
         "user_state",
         "tenant, user_id, failures, locked, throttled_until",
     ),
+    ("unpublished_failures", "tenant, user_id, failures"),
     ("audit", "id, at_ms, actor, tenant, action, user_id, target"),
     ("changes", "seq, at_ms, ops"),
     ("usage_cursors", "node, through"),

@@ -39,6 +39,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("usage.sql"),
     include_str!("activation.sql"),
     include_str!("log_head.sql"),
+    include_str!("unpublished.sql"),
 ];
 
 /// How long a connection waits for another one's lock before giving up.
@@ -147,12 +148,21 @@ pub struct AuditRow {
     pub target: Option<String>,
 }
 
-/// A user's runtime state as the control plane knows it.
+/// A user's runtime state as the control plane knows it: as last published,
+/// and the failures merged since that did not change what the user may do.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct UserStateRow {
     pub failures: u32,
     pub locked: bool,
     pub throttled_until: Option<u64>,
+    pub unpublished: u32,
+}
+
+impl UserStateRow {
+    /// Consecutive failures, published or not.
+    pub fn all_failures(&self) -> u32 {
+        self.failures.saturating_add(self.unpublished)
+    }
 }
 
 /// Remaining and total backup codes of a user.
@@ -790,6 +800,10 @@ impl Store {
                     },
                 });
             }
+            w.tx.execute(
+                "DELETE FROM unpublished_failures WHERE tenant = ? AND user_id = ?",
+                args![tenant, user],
+            )?;
             if w.tx.execute(
                 "DELETE FROM user_state WHERE tenant = ? AND user_id = ?",
                 args![tenant, user],
@@ -859,7 +873,7 @@ impl Store {
     // ----- runtime state -----
 
     pub fn user_state(&self, tenant: &str, user: &str) -> Result<UserStateRow> {
-        self.read(|conn| entities::user_state_of(conn, tenant, user))
+        self.read(|conn| entities::whole_user_state(conn, tenant, user))
             .map(Option::unwrap_or_default)
     }
 

@@ -14,7 +14,10 @@ use super::sql::Conn;
 use super::{MAX_IDLE, Result, StoreError, advance, read_head};
 
 /// PostgreSQL migrations, applied in order; `schema_version` holds how many ran.
-const MIGRATIONS: &[&str] = &[include_str!("postgres.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("postgres.sql"),
+    include_str!("postgres_unpublished.sql"),
+];
 
 /// The channel every commit with a change notifies.
 pub(super) const CHANNEL: &str = "twofold_changes";

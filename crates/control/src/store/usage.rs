@@ -5,6 +5,13 @@
 //! the nodes' failures, and a success resets them, through the same throttle
 //! policy the data planes apply. Each node's events are numbered; a cursor per
 //! node skips events already merged, so a retried report changes nothing.
+//!
+//! A user's state is published only when it changes what the user may do: a
+//! backoff that starts or grows, a lock, or a reset of failures. A failure
+//! below the backoff threshold is counted (`unpublished`) but not sent to every
+//! data plane; each node counts its own until a published state counts them
+//! (`UsageAck::counted_from`), and the state published when the threshold is
+//! crossed carries the whole count.
 
 use std::collections::BTreeMap;
 
@@ -13,30 +20,36 @@ use twofold_core::feed::{
 };
 use twofold_core::throttle::{Throttle, ThrottlePolicy};
 
-use super::entities::{self, backup_codes_of, put_user_state, user_exists, user_state_of};
+use super::entities::{
+    self, backup_codes_of, put_unpublished, put_user_state, user_exists, whole_user_state,
+};
 use super::sql::args;
 use super::{Actor, FactorStatus, Result, Store, UserStateRow, Write};
 
+/// A user's whole state, published or not.
 fn throttle_of(row: &UserStateRow) -> Throttle {
     Throttle {
-        failures: row.failures,
+        failures: row.all_failures(),
         locked: row.locked,
         throttled_until: row.throttled_until,
     }
 }
 
-fn row_of(t: Throttle) -> UserStateRow {
+/// `t` as published.
+fn published(t: Throttle) -> UserStateRow {
     UserStateRow {
         failures: t.failures,
         locked: t.locked,
         throttled_until: t.throttled_until,
+        unpublished: 0,
     }
 }
 
 impl Store {
     /// Merge the events of `node` it has not merged before, in one transaction.
-    /// Returns the highest event id merged and the head seq after the merge, which
-    /// holds every resulting change.
+    /// Returns the highest event id merged, the head seq after the merge, which
+    /// holds every resulting change, and the first seq whose published states
+    /// count the merged events.
     pub fn apply_usage(
         &self,
         now_ms: i64,
@@ -45,7 +58,13 @@ impl Store {
         policy: &ThrottlePolicy,
     ) -> Result<UsageAck> {
         let actor = Actor::Key(node.to_owned());
-        let through = self.write(now_ms, &actor, None, |w| {
+        let (through, counted_from) = self.write(now_ms, &actor, None, |w| {
+            // Writers are serialised, so the change this merge publishes, if
+            // any, takes the next seq, and any later one counts the merge.
+            let counted_from =
+                w.tx.query_one("SELECT seq FROM log_head WHERE id = 0", args![], |r| {
+                    r.int::<u64>(0)
+                })? + 1;
             let cursor: u64 =
                 w.tx.query_opt(
                     "SELECT through FROM usage_cursors WHERE node = ?",
@@ -70,13 +89,14 @@ impl Store {
             for entity in touched.into_values() {
                 w.publish(Op::Put { entity });
             }
-            Ok(through)
+            Ok((through, counted_from))
         })?;
         // `write` publishes the new head before returning, so this covers the
         // change just committed.
         Ok(UsageAck {
             through,
             seq: self.head(),
+            counted_from: Some(counted_from),
         })
     }
 }
@@ -100,7 +120,9 @@ impl Store {
             };
             let mut touched = BTreeMap::new();
             merge(w, &event, &ThrottlePolicy::default(), &mut touched)?;
-            let accepted = !touched.is_empty();
+            let accepted = touched
+                .values()
+                .any(|e| matches!(e, Entity::BackupCodes(_)));
             for entity in touched.into_values() {
                 w.publish(Op::Put { entity });
             }
@@ -126,6 +148,7 @@ fn merge(
             factor,
             step,
         } => {
+            succeed(w, tenant, user, touched)?;
             let Some(mut row) = entities::factor(&mut w.tx, tenant, user, factor)? else {
                 return Ok(());
             };
@@ -146,6 +169,7 @@ fn merge(
             set_id,
             index,
         } => {
+            succeed(w, tenant, user, touched)?;
             let Some((current, mut codes)) = backup_codes_of(&mut w.tx, tenant, user)? else {
                 return Ok(());
             };
@@ -166,27 +190,46 @@ fn merge(
         UsageEvent::Failure { tenant, user, at } => {
             // A user with throttle state exists; only a first failure needs the
             // wider check.
-            let state = match user_state_of(&mut w.tx, tenant, user)? {
+            let state = match whole_user_state(&mut w.tx, tenant, user)? {
                 Some(state) => state,
                 None if user_exists(&mut w.tx, tenant, user)? => UserStateRow::default(),
                 None => return Ok(()),
             };
-            let next = row_of(policy.fail(&throttle_of(&state), *at));
-            put_user_state(&mut w.tx, tenant, user, &next)?;
-            let entity = entities::user_state(tenant, user, &next);
-            touched.insert(entity.key(), entity);
-        }
-        UsageEvent::Success { tenant, user } => {
-            let Some(state) = user_state_of(&mut w.tx, tenant, user)? else {
-                return Ok(());
-            };
-            let next = row_of(throttle_of(&state).succeed());
-            if next != state {
+            let next = policy.fail(&throttle_of(&state), *at);
+            if next.locked == state.locked && next.throttled_until == state.throttled_until {
+                // What the user may do is unchanged: count it, publish nothing.
+                put_unpublished(&mut w.tx, tenant, user, state.unpublished.saturating_add(1))?;
+            } else {
+                let next = published(next);
                 put_user_state(&mut w.tx, tenant, user, &next)?;
                 let entity = entities::user_state(tenant, user, &next);
                 touched.insert(entity.key(), entity);
             }
         }
+        UsageEvent::Success { tenant, user } => succeed(w, tenant, user, touched)?,
+    }
+    Ok(())
+}
+
+/// A code was accepted: reset the user's failures. A node sends `Success` only
+/// when it knows of failures, and it may not know of failures merged but not
+/// published, so an accepted code resets them too.
+fn succeed(
+    w: &mut Write<'_, '_>,
+    tenant: &str,
+    user: &str,
+    touched: &mut BTreeMap<EntityKey, Entity>,
+) -> Result<()> {
+    let Some(state) = whole_user_state(&mut w.tx, tenant, user)? else {
+        return Ok(());
+    };
+    // Published whenever failures are reset, counted or not: every node then
+    // drops its own failures that this state counts.
+    let next = published(throttle_of(&state).succeed());
+    if next != state {
+        put_user_state(&mut w.tx, tenant, user, &next)?;
+        let entity = entities::user_state(tenant, user, &next);
+        touched.insert(entity.key(), entity);
     }
     Ok(())
 }

@@ -1,0 +1,8 @@
+-- Twofold control plane on PostgreSQL, schema version 2: failures merged but
+-- not published (as unpublished.sql on SQLite).
+CREATE TABLE unpublished_failures (
+    tenant   TEXT NOT NULL REFERENCES tenants(id),
+    user_id  TEXT NOT NULL,
+    failures BIGINT NOT NULL,
+    PRIMARY KEY (tenant, user_id)
+);
