@@ -188,6 +188,7 @@ fn play_control_plane(fx: &Fixture) {
         through,
         seq,
         counted_from: Some(seq),
+        retried: None,
     };
     let events = fx
         .rt

@@ -10,6 +10,10 @@ use twofold_core::feed::{Entity, SnapshotLine};
 
 suite! {
     reports_merge_and_retries_change_nothing,
+    a_published_state_counts_every_event_of_its_report,
+    a_retried_report_is_answered_with_its_first_merge,
+    a_refused_code_resets_nothing,
+    a_user_with_only_unpublished_failures_can_be_deleted,
     failures_from_several_nodes_combine_into_a_throttle,
     reports_are_validated_and_may_exceed_the_default_body_limit,
     strict_backup_code_use_is_accepted_once,
@@ -307,4 +311,162 @@ async fn strict_backup_code_use_is_accepted_once() {
         other_set["accepted"], false,
         "a code of a replaced set is not accepted"
     );
+}
+
+fn failure_of(t: &str, user: &str) -> Value {
+    json!({"type": "failure", "tenant": t, "user": user, "at": 1_700_000_000u64})
+}
+
+/// The published failure count of `user`, from a snapshot.
+async fn published_failures(server: &TestServer, user: &str) -> Option<u32> {
+    entities(server).await.into_iter().find_map(|e| match e {
+        Entity::UserState(u) if u.user == user => Some(u.failures),
+        _ => None,
+    })
+}
+
+async fn a_published_state_counts_every_event_of_its_report() {
+    let server = TestServer::start().await;
+    let tenant = server.tenant("acme").await;
+    server.active_factor(&tenant.manage, "alice").await;
+    let t = &tenant.id;
+    // Two failures, a success (published: it resets them), then a failure: the
+    // state published by this report must count that last one too, since the
+    // node is told that the change counts all of its events.
+    let report = json!({"node": "node_a", "events": [
+        event(1, failure_of(t, "alice")),
+        event(2, failure_of(t, "alice")),
+        event(3, json!({"type": "success", "tenant": t, "user": "alice"})),
+        event(4, failure_of(t, "alice")),
+    ]});
+    let (status, ack) = server.post("/v1/feed/usage", OPERATOR, report).await;
+    assert_eq!(status, StatusCode::OK, "{ack}");
+    assert_eq!(ack["counted_from"], ack["seq"]);
+    assert_eq!(published_failures(&server, "alice").await, Some(1));
+}
+
+async fn a_retried_report_is_answered_with_its_first_merge() {
+    let server = TestServer::start().await;
+    let tenant = server.tenant("acme").await;
+    server.active_factor(&tenant.manage, "alice").await;
+    server.active_factor(&tenant.manage, "bob").await;
+    let t = &tenant.id;
+    let first = json!({"node": "node_a", "events": [event(1, failure_of(t, "alice"))]});
+    let (_, ack) = server.post("/v1/feed/usage", OPERATOR, first).await;
+    let counted_from = ack["counted_from"].as_u64().expect("counted_from");
+    assert!(ack.get("retried").is_none(), "{ack}");
+    // Another node's report publishes something in between.
+    server
+        .post(
+            "/v1/feed/usage",
+            OPERATOR,
+            json!({"node": "node_b", "events": [event(1, json!({"type": "success", "tenant": t, "user": "bob"})), event(2, failure_of(t, "bob")), event(3, json!({"type": "success", "tenant": t, "user": "bob"}))]}),
+        )
+        .await;
+    // The answer to the first was lost: node_a sends event 1 again, with 2.
+    let retry = json!({"node": "node_a", "events": [
+        event(1, failure_of(t, "alice")),
+        event(2, failure_of(t, "alice")),
+    ]});
+    let (status, ack) = server.post("/v1/feed/usage", OPERATOR, retry.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{ack}");
+    assert_eq!(ack["retried"]["through"], 1);
+    assert_eq!(ack["retried"]["counted_from"], counted_from);
+    let second = ack["counted_from"].as_u64().expect("counted_from");
+    assert!(second > counted_from, "{ack}");
+    // Everything merged before: the answer is the last merge's.
+    let (_, again) = server.post("/v1/feed/usage", OPERATOR, retry).await;
+    assert_eq!(again["counted_from"], second);
+}
+
+async fn a_refused_code_resets_nothing() {
+    let server = TestServer::start().await;
+    let tenant = server.tenant("acme").await;
+    server.backup_codes(&tenant.manage, "bob").await;
+    let set_id = entities(&server)
+        .await
+        .into_iter()
+        .find_map(|e| match e {
+            Entity::BackupCodes(b) => Some(b.set_id),
+            _ => None,
+        })
+        .expect("a backup set");
+    let node = server.create_node_key().await;
+    let body = json!({"tenant": tenant.id, "user": "bob", "set_id": set_id, "index": 2});
+    let (_, first) = server
+        .post("/v1/feed/backup-code-use", &node.secret, body.clone())
+        .await;
+    assert_eq!(first["accepted"], true);
+    let failures: Vec<Value> = (1..=3)
+        .map(|id| event(id, failure_of(&tenant.id, "bob")))
+        .collect();
+    server
+        .post(
+            "/v1/feed/usage",
+            OPERATOR,
+            json!({"node": "node_a", "events": failures}),
+        )
+        .await;
+    let listed = || async {
+        server
+            .get(&format!("/v1/users/{}/factors", enc("bob")), &tenant.manage)
+            .await
+            .1["failures"]
+            .as_u64()
+    };
+    assert_eq!(listed().await, Some(3));
+    // The used code again, strict and reported: refused, and no reset.
+    let (_, again) = server
+        .post("/v1/feed/backup-code-use", &node.secret, body)
+        .await;
+    assert_eq!(again["accepted"], false);
+    server
+        .post(
+            "/v1/feed/usage",
+            OPERATOR,
+            json!({"node": "node_a", "events": [event(4, json!({"type": "backup_code_used", "tenant": tenant.id, "user": "bob", "set_id": set_id, "index": 2}))]}),
+        )
+        .await;
+    assert_eq!(listed().await, Some(3));
+}
+
+async fn a_user_with_only_unpublished_failures_can_be_deleted() {
+    let server = TestServer::start().await;
+    let tenant = server.tenant("acme").await;
+    let factor = server.active_factor(&tenant.manage, "carol").await;
+    let failures: Vec<Value> = (1..=2)
+        .map(|id| event(id, failure_of(&tenant.id, "carol")))
+        .collect();
+    server
+        .post(
+            "/v1/feed/usage",
+            OPERATOR,
+            json!({"node": "node_a", "events": failures}),
+        )
+        .await;
+    let (status, _) = server
+        .delete(
+            &format!("/v1/users/{}/factors/{}", enc("carol"), factor.id),
+            &tenant.manage,
+        )
+        .await;
+    assert!(status.is_success(), "{status}");
+    let head = server.head().await;
+    let (status, body) = server
+        .delete(&format!("/v1/users/{}", enc("carol")), &tenant.manage)
+        .await;
+    assert!(status.is_success(), "{status} {body}");
+    assert_eq!(
+        server.head().await,
+        head + 1,
+        "nodes are told to drop their count"
+    );
+    let (status, _) = server
+        .post(
+            &format!("/v1/users/{}/unlock", enc("carol")),
+            &tenant.manage,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "nothing is left of carol");
 }

@@ -306,12 +306,28 @@ pub struct UsageAck {
     pub seq: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counted_from: Option<u64>,
+    /// Set when the report repeated events an earlier report merged (its answer
+    /// was lost): those, up to `retried.through`, count from its own seq.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retried: Option<RetriedMerge>,
+}
+
+/// The earlier merge of a retried report's first events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetriedMerge {
+    pub through: u64,
+    pub counted_from: u64,
 }
 
 impl UsageAck {
-    /// The first seq at which a published user state counts the merged events.
-    pub fn counted_from(&self) -> u64 {
-        self.counted_from.unwrap_or(self.seq)
+    /// The first seq at which a published user state counts event `id` of the
+    /// report.
+    pub fn counted_from(&self, id: u64) -> u64 {
+        match self.retried {
+            Some(retried) if id <= retried.through => retried.counted_from,
+            _ => self.counted_from.unwrap_or(self.seq),
+        }
     }
 }
 

@@ -210,17 +210,20 @@ impl Node {
     /// `ack.counted_from()` on.
     pub fn record_ack(&self, ack: &UsageAck, events: &[NumberedEvent]) {
         let (through, seq) = (ack.through, ack.seq);
-        let counted_from = ack.counted_from();
         let index = self.index();
         for numbered in events.iter().filter(|e| e.id <= through) {
             if let UsageEvent::Failure { tenant, user, .. } | UsageEvent::Success { tenant, user } =
                 &numbered.event
             {
+                let counted_from = ack.counted_from(numbered.id);
                 index.with_user(tenant, user, |u| u.mark_counted(numbered.id, counted_from));
             }
         }
         drop(index);
-        self.outbox.ack(through, seq);
+        if let Some(retried) = ack.retried {
+            self.outbox.ack(retried.through, seq, retried.counted_from);
+        }
+        self.outbox.ack(through, seq, ack.counted_from(through));
         self.acks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -308,13 +311,14 @@ fn replay_local(index: &Index, stored: &[Stored], covered: u64) {
     }
 }
 
-/// An event merged before the restart, in a change the replica had not applied:
-/// the outbox keeps the ack's `seq`, not its `counted_from`, so the event counts
-/// here until a state published after that seq arrives, which is when it surely
-/// counts it.
+/// An event merged before the restart, in a change the replica had not
+/// applied, counts here until a state published from its `counted_from` on
+/// arrives. An outbox written before `counted_from` was kept has only the ack's
+/// seq; a state published after that surely counts the event.
 fn mark_replayed(user: &mut crate::index::User, stored: &Stored) {
     if let Some(seq) = stored.acked_seq {
-        user.mark_counted(stored.event.id, seq.saturating_add(1));
+        let counted_from = stored.counted_from.unwrap_or(seq.saturating_add(1));
+        user.mark_counted(stored.event.id, counted_from);
     }
 }
 
@@ -385,6 +389,7 @@ mod tests {
             through: id,
             seq: 2,
             counted_from: Some(3),
+            retried: None,
         };
         node.record_ack(&ack, &[event]);
         // Published at 2, before the merge: this node's failure is not in it.

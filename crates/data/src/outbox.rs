@@ -72,6 +72,9 @@ pub type Result<T, E = OutboxError> = std::result::Result<T, E>;
 pub struct Stored {
     pub event: NumberedEvent,
     pub acked_seq: Option<u64>,
+    /// The first seq whose published user states count the event, if the
+    /// control plane said (see `UsageAck`).
+    pub counted_from: Option<u64>,
 }
 
 type Events = Vec<(u64, UsageEvent)>;
@@ -85,6 +88,7 @@ enum Command {
     Ack {
         through: u64,
         seq: u64,
+        counted_from: u64,
     },
     Prune {
         through: u64,
@@ -136,10 +140,19 @@ fn connect(dir: &Path) -> Result<Connection> {
          CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY, body TEXT NOT NULL) STRICT;
          CREATE TABLE IF NOT EXISTS acks (
              through INTEGER PRIMARY KEY,
-             seq INTEGER NOT NULL
+             seq INTEGER NOT NULL,
+             counted_from INTEGER
          ) STRICT;",
     )?;
     migrate_acked_column(&mut conn)?;
+    let has_counted_from: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM pragma_table_info('acks') WHERE name = 'counted_from'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_counted_from {
+        conn.execute_batch("ALTER TABLE acks ADD COLUMN counted_from INTEGER")?;
+    }
     Ok(conn)
 }
 
@@ -192,10 +205,15 @@ impl Outbox {
                 id
             }
         };
-        let acks: Vec<(u64, u64)> = {
-            let mut stmt = conn.prepare("SELECT through, seq FROM acks ORDER BY through")?;
+        let acks: Vec<(u64, u64, Option<u64>)> = {
+            let mut stmt =
+                conn.prepare("SELECT through, seq, counted_from FROM acks ORDER BY through")?;
             stmt.query_map([], |r| {
-                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, Option<i64>>(2)?.map(|c| c as u64),
+                ))
             })?
             .collect::<rusqlite::Result<_>>()?
         };
@@ -210,10 +228,11 @@ impl Outbox {
                 let body: String = row.get(1)?;
                 let event: UsageEvent =
                     serde_json::from_str(&body).map_err(|_| OutboxError::Corrupt(id))?;
-                while next_ack.next_if(|(through, _)| *through < id).is_some() {}
+                while next_ack.next_if(|(through, ..)| *through < id).is_some() {}
                 stored.push(Stored {
                     event: NumberedEvent { id, event },
-                    acked_seq: next_ack.peek().map(|(_, seq)| *seq),
+                    acked_seq: next_ack.peek().map(|(_, seq, _)| *seq),
+                    counted_from: next_ack.peek().and_then(|(.., counted)| *counted),
                 });
             }
         }
@@ -242,7 +261,7 @@ impl Outbox {
             conn,
             max_queued,
             shared: shared.clone(),
-            acked_through: acks.last().map_or(0, |(through, _)| *through),
+            acked_through: acks.last().map_or(0, |(through, ..)| *through),
             queue: if complete { unsent } else { BTreeMap::new() },
             complete,
         };
@@ -323,9 +342,14 @@ impl Outbox {
         self.shared.unacked.load(Ordering::SeqCst)
     }
 
-    /// The control plane merged events up to `through` in change `seq`.
-    pub fn ack(&self, through: u64, seq: u64) {
-        let _ = self.tx.send(Command::Ack { through, seq });
+    /// The control plane merged events up to `through`, publishing at or
+    /// before `seq`; user states published from `counted_from` on count them.
+    pub fn ack(&self, through: u64, seq: u64, counted_from: u64) {
+        let _ = self.tx.send(Command::Ack {
+            through,
+            seq,
+            counted_from,
+        });
     }
 
     /// Events up to `through` are covered by the applied replica (the node
@@ -433,7 +457,11 @@ impl Writer {
                     let _ = reply.send(self.unsent(limit, below));
                     Ok(())
                 }
-                Command::Ack { through, seq } => self.ack(through, seq),
+                Command::Ack {
+                    through,
+                    seq,
+                    counted_from,
+                } => self.ack(through, seq, counted_from),
                 Command::Prune { through } => self.prune(through),
                 Command::Submit(..) | Command::Flush => Ok(()),
             };
@@ -502,13 +530,13 @@ impl Writer {
         Ok(events)
     }
 
-    fn ack(&mut self, through: u64, seq: u64) -> Result<()> {
+    fn ack(&mut self, through: u64, seq: u64, counted_from: u64) -> Result<()> {
         if through <= self.acked_through {
             return Ok(());
         }
         self.conn
-            .prepare_cached("INSERT INTO acks (through, seq) VALUES (?, ?)")?
-            .execute(params![through as i64, seq as i64])?;
+            .prepare_cached("INSERT INTO acks (through, seq, counted_from) VALUES (?, ?, ?)")?
+            .execute(params![through as i64, seq as i64, counted_from as i64])?;
         let newly = if self.complete {
             let left = self.queue.split_off(&through.saturating_add(1));
             std::mem::replace(&mut self.queue, left).len() as u64
@@ -575,7 +603,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(opened.outbox.unacked(), 3, "counted once recorded");
-        opened.outbox.ack(2, 50);
+        opened.outbox.ack(2, 50, 49);
         assert_eq!(opened.outbox.unsent(10, u64::MAX).await.unwrap().len(), 1);
         assert_eq!(opened.outbox.unacked(), 1);
         drop(opened);
@@ -585,6 +613,7 @@ mod tests {
         assert_eq!(opened.next_id, 4);
         assert_eq!(opened.stored.len(), 3);
         assert_eq!(opened.stored[1].acked_seq, Some(50));
+        assert_eq!(opened.stored[1].counted_from, Some(49));
         assert_eq!(opened.stored[2].acked_seq, None);
         assert_eq!(opened.outbox.unacked(), 1);
         // The node prunes once the change of seq 50 is applied: through id 2.
@@ -682,11 +711,11 @@ mod tests {
             [1, 2, 3, 4]
         );
         assert_eq!(numbered(&outbox.unsent(2, 4).await.unwrap()), [1, 2]);
-        outbox.ack(3, 7);
+        outbox.ack(3, 7, 7);
         assert_eq!(numbered(&outbox.unsent(10, u64::MAX).await.unwrap()), [4]);
         assert_eq!(outbox.unacked(), 1);
         // Once everything is acknowledged, memory holds the unsent events again.
-        outbox.ack(4, 8);
+        outbox.ack(4, 8, 8);
         outbox.submit(vec![(5, failure(5))]).unwrap().await.unwrap();
         assert_eq!(numbered(&outbox.unsent(10, u64::MAX).await.unwrap()), [5]);
         assert_eq!(outbox.unacked(), 1);
@@ -705,9 +734,9 @@ mod tests {
         let outbox = &opened.outbox;
         let events = vec![(1, failure(1)), (2, failure(2)), (3, failure(3))];
         outbox.submit(events).unwrap().await.unwrap();
-        outbox.ack(2, 9);
+        outbox.ack(2, 9, 9);
         // A retried report's answer: nothing new merged.
-        outbox.ack(1, 12);
+        outbox.ack(1, 12, 12);
         assert_eq!(numbered(&outbox.unsent(10, u64::MAX).await.unwrap()), [3]);
         assert_eq!(outbox.unacked(), 1);
         drop(opened);
@@ -765,5 +794,38 @@ mod tests {
             [3, 4]
         );
         assert_eq!(opened.next_id, 5);
+    }
+
+    #[tokio::test]
+    async fn acks_written_before_counted_from_was_kept_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join(FILE)).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
+                 CREATE TABLE outbox (id INTEGER PRIMARY KEY, body TEXT NOT NULL) STRICT;
+                 CREATE TABLE acks (through INTEGER PRIMARY KEY, seq INTEGER NOT NULL) STRICT;
+                 INSERT INTO meta VALUES ('node_id', 'node_old');
+                 INSERT INTO acks VALUES (1, 5);",
+            )
+            .unwrap();
+            for id in 1..=2 {
+                let body = serde_json::to_string(&failure(id)).unwrap();
+                conn.execute(
+                    "INSERT INTO outbox (id, body) VALUES (?, ?)",
+                    params![id as i64, body],
+                )
+                .unwrap();
+            }
+        }
+        let opened = Outbox::open(dir.path()).unwrap();
+        assert_eq!(acked(&opened), [(1, Some(5)), (2, None)]);
+        assert_eq!(opened.stored[0].counted_from, None);
+        opened.outbox.ack(2, 7, 6);
+        opened.outbox.unsent(1, 0).await.unwrap(); // the writer is done with the ack
+        drop(opened);
+        let opened = Outbox::open(dir.path()).unwrap();
+        assert_eq!(acked(&opened), [(1, Some(5)), (2, Some(7))]);
+        assert_eq!(opened.stored[1].counted_from, Some(6));
     }
 }

@@ -292,7 +292,8 @@ pub(super) fn user_exists(conn: &mut Conn<'_, '_>, tenant: &str, user: &str) -> 
     conn.query_one(
         "SELECT EXISTS (SELECT 1 FROM totp_factors WHERE tenant = ?1 AND user_id = ?2)
              OR EXISTS (SELECT 1 FROM backup_codes WHERE tenant = ?1 AND user_id = ?2)
-             OR EXISTS (SELECT 1 FROM user_state WHERE tenant = ?1 AND user_id = ?2)",
+             OR EXISTS (SELECT 1 FROM user_state WHERE tenant = ?1 AND user_id = ?2)
+             OR EXISTS (SELECT 1 FROM unpublished_failures WHERE tenant = ?1 AND user_id = ?2)",
         args![tenant, user],
         |r| r.get(0),
     )

@@ -800,15 +800,17 @@ impl Store {
                     },
                 });
             }
-            w.tx.execute(
+            // Nodes count their own unpublished failures: a delete tells them
+            // to drop those too.
+            let unpublished = w.tx.execute(
                 "DELETE FROM unpublished_failures WHERE tenant = ? AND user_id = ?",
                 args![tenant, user],
-            )?;
-            if w.tx.execute(
+            )? > 0;
+            let published = w.tx.execute(
                 "DELETE FROM user_state WHERE tenant = ? AND user_id = ?",
                 args![tenant, user],
-            )? > 0
-            {
+            )? > 0;
+            if unpublished || published {
                 found = true;
                 w.publish(Op::Delete {
                     key: EntityKey::UserState {

@@ -6,3 +6,7 @@ CREATE TABLE unpublished_failures (
     failures BIGINT NOT NULL,
     PRIMARY KEY (tenant, user_id)
 );
+
+-- The first seq whose published states count the events a node's last report
+-- merged, to answer a retry of that report (its answer was lost) exactly.
+ALTER TABLE usage_cursors ADD COLUMN counted_from BIGINT NOT NULL DEFAULT 0;

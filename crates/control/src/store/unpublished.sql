@@ -9,3 +9,7 @@ CREATE TABLE unpublished_failures (
     failures INTEGER NOT NULL,
     PRIMARY KEY (tenant, user_id)
 ) STRICT;
+
+-- The first seq whose published states count the events a node's last report
+-- merged, to answer a retry of that report (its answer was lost) exactly.
+ALTER TABLE usage_cursors ADD COLUMN counted_from INTEGER NOT NULL DEFAULT 0;

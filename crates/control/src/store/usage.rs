@@ -16,7 +16,8 @@
 use std::collections::BTreeMap;
 
 use twofold_core::feed::{
-    BackupCodeUse, BackupCodeUseAck, Entity, EntityKey, NumberedEvent, Op, UsageAck, UsageEvent,
+    BackupCodeUse, BackupCodeUseAck, Entity, EntityKey, NumberedEvent, Op, RetriedMerge, UsageAck,
+    UsageEvent,
 };
 use twofold_core::throttle::{Throttle, ThrottlePolicy};
 
@@ -58,20 +59,29 @@ impl Store {
         policy: &ThrottlePolicy,
     ) -> Result<UsageAck> {
         let actor = Actor::Key(node.to_owned());
-        let (through, counted_from) = self.write(now_ms, &actor, None, |w| {
+        let (through, counted_from, retried) = self.write(now_ms, &actor, None, |w| {
             // Writers are serialised, so the change this merge publishes, if
             // any, takes the next seq, and any later one counts the merge.
             let counted_from =
                 w.tx.query_one("SELECT seq FROM log_head WHERE id = 0", args![], |r| {
                     r.int::<u64>(0)
                 })? + 1;
-            let cursor: u64 =
+            let (cursor, cursor_counted_from): (u64, u64) =
                 w.tx.query_opt(
-                    "SELECT through FROM usage_cursors WHERE node = ?",
+                    "SELECT through, counted_from FROM usage_cursors WHERE node = ?",
                     args![node],
-                    |r| r.int(0),
+                    |r| Ok((r.int(0)?, r.int(1)?)),
                 )?
-                .unwrap_or(0);
+                .unwrap_or((0, 0));
+            // Events this node sent before, in a report whose answer it lost. A
+            // cursor written before counted_from was kept says 0: unknown.
+            let retried = events
+                .first()
+                .filter(|e| e.id <= cursor && cursor_counted_from > 0)
+                .map(|_| RetriedMerge {
+                    through: cursor,
+                    counted_from: cursor_counted_from,
+                });
             // Entities touched, by key: each is published once, in its final state.
             let mut touched: BTreeMap<EntityKey, Entity> = BTreeMap::new();
             let mut through = cursor;
@@ -81,15 +91,22 @@ impl Store {
             }
             if through > cursor {
                 w.tx.execute(
-                    "INSERT INTO usage_cursors (node, through) VALUES (?, ?)
-                     ON CONFLICT (node) DO UPDATE SET through = excluded.through",
-                    args![node, through as i64],
+                    "INSERT INTO usage_cursors (node, through, counted_from) VALUES (?, ?, ?)
+                     ON CONFLICT (node) DO UPDATE
+                     SET through = excluded.through, counted_from = excluded.counted_from",
+                    args![node, through as i64, counted_from as i64],
                 )?;
             }
             for entity in touched.into_values() {
                 w.publish(Op::Put { entity });
             }
-            Ok((through, counted_from))
+            // Nothing new merged: the whole report was merged before.
+            let counted_from = if through > cursor {
+                counted_from
+            } else {
+                retried.map_or(counted_from, |r| r.counted_from)
+            };
+            Ok((through, counted_from, retried))
         })?;
         // `write` publishes the new head before returning, so this covers the
         // change just committed.
@@ -97,6 +114,7 @@ impl Store {
             through,
             seq: self.head(),
             counted_from: Some(counted_from),
+            retried,
         })
     }
 }
@@ -148,7 +166,6 @@ fn merge(
             factor,
             step,
         } => {
-            succeed(w, tenant, user, touched)?;
             let Some(mut row) = entities::factor(&mut w.tx, tenant, user, factor)? else {
                 return Ok(());
             };
@@ -162,6 +179,7 @@ fn merge(
             row.last_step = Some(*step);
             let entity = entities::totp(&row);
             touched.insert(entity.key(), entity);
+            succeed(w, tenant, user, touched)?;
         }
         UsageEvent::BackupCodeUsed {
             tenant,
@@ -169,7 +187,6 @@ fn merge(
             set_id,
             index,
         } => {
-            succeed(w, tenant, user, touched)?;
             let Some((current, mut codes)) = backup_codes_of(&mut w.tx, tenant, user)? else {
                 return Ok(());
             };
@@ -186,6 +203,7 @@ fn merge(
             )?;
             let entity = entities::backup_codes(tenant, user, &current, codes);
             touched.insert(entity.key(), entity);
+            succeed(w, tenant, user, touched)?;
         }
         UsageEvent::Failure { tenant, user, at } => {
             // A user with throttle state exists; only a first failure needs the
@@ -196,7 +214,17 @@ fn merge(
                 None => return Ok(()),
             };
             let next = policy.fail(&throttle_of(&state), *at);
-            if next.locked == state.locked && next.throttled_until == state.throttled_until {
+            let key = EntityKey::UserState {
+                tenant: tenant.clone(),
+                user: user.clone(),
+            };
+            // Once this report publishes the user's state, that state must count
+            // every one of the report's events for the user: the answer gives
+            // them all the same `counted_from`.
+            if next.locked == state.locked
+                && next.throttled_until == state.throttled_until
+                && !touched.contains_key(&key)
+            {
                 // What the user may do is unchanged: count it, publish nothing.
                 put_unpublished(&mut w.tx, tenant, user, state.unpublished.saturating_add(1))?;
             } else {
