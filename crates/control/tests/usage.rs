@@ -38,19 +38,24 @@ async fn entities(server: &TestServer) -> Vec<Entity> {
         .collect()
 }
 
-async fn reports_merge_and_retries_change_nothing() {
-    let server = TestServer::start().await;
-    let tenant = server.tenant("acme").await;
-    let factor = server.active_factor(&tenant.manage, "alice").await;
-    server.backup_codes(&tenant.manage, "alice").await;
-    let set_id = entities(&server)
+/// The id of the one backup set in the current snapshot.
+async fn backup_set_id(server: &TestServer) -> String {
+    entities(server)
         .await
         .into_iter()
         .find_map(|e| match e {
             Entity::BackupCodes(b) => Some(b.set_id),
             _ => None,
         })
-        .expect("a backup set");
+        .expect("a backup set")
+}
+
+async fn reports_merge_and_retries_change_nothing() {
+    let server = TestServer::start().await;
+    let tenant = server.tenant("acme").await;
+    let factor = server.active_factor(&tenant.manage, "alice").await;
+    server.backup_codes(&tenant.manage, "alice").await;
+    let set_id = backup_set_id(&server).await;
 
     let t = &tenant.id;
     let report = json!({"node": "node_a", "events": [
@@ -278,14 +283,7 @@ async fn strict_backup_code_use_is_accepted_once() {
     let server = TestServer::start().await;
     let tenant = server.tenant("acme").await;
     server.backup_codes(&tenant.manage, "bob").await;
-    let set_id = entities(&server)
-        .await
-        .into_iter()
-        .find_map(|e| match e {
-            Entity::BackupCodes(b) => Some(b.set_id),
-            _ => None,
-        })
-        .expect("a backup set");
+    let set_id = backup_set_id(&server).await;
     let node = server.create_node_key().await;
     let body = json!({"tenant": tenant.id, "user": "bob", "set_id": set_id, "index": 2});
     let (status, first) = server
@@ -383,14 +381,7 @@ async fn a_refused_code_resets_nothing() {
     let server = TestServer::start().await;
     let tenant = server.tenant("acme").await;
     server.backup_codes(&tenant.manage, "bob").await;
-    let set_id = entities(&server)
-        .await
-        .into_iter()
-        .find_map(|e| match e {
-            Entity::BackupCodes(b) => Some(b.set_id),
-            _ => None,
-        })
-        .expect("a backup set");
+    let set_id = backup_set_id(&server).await;
     let node = server.create_node_key().await;
     let body = json!({"tenant": tenant.id, "user": "bob", "set_id": set_id, "index": 2});
     let (_, first) = server

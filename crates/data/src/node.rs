@@ -204,10 +204,10 @@ impl Node {
         ids.in_flight.first().copied().unwrap_or(ids.next)
     }
 
-    /// The control plane merged `events` (up to `through`), publishing what it
-    /// did at or before `ack.seq`: the outbox may drop them once the replica
-    /// has applied that far, and the users' states count them from
-    /// `ack.counted_from()` on.
+    /// The control plane merged `events` (up to `ack.through`), publishing
+    /// what it did at or before `ack.seq`: the outbox may drop them once the
+    /// replica has applied that far, and each user's published state counts
+    /// an event from `ack.counted_from(id)` on.
     pub fn record_ack(&self, ack: &UsageAck, events: &[NumberedEvent]) {
         let (through, seq) = (ack.through, ack.seq);
         let index = self.index();
