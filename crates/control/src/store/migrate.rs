@@ -33,7 +33,7 @@ const TABLES: &[(&str, &str)] = &[
     ("unpublished_failures", "tenant, user_id, failures"),
     ("audit", "id, at_ms, actor, tenant, action, user_id, target"),
     ("changes", "seq, at_ms, ops"),
-    ("usage_cursors", "node, through"),
+    ("usage_cursors", "node, through, counted_from"),
 ];
 
 /// What a migration copied.
