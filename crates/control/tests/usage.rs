@@ -50,6 +50,45 @@ async fn backup_set_id(server: &TestServer) -> String {
         .expect("a backup set")
 }
 
+fn failure_of(t: &str, user: &str) -> Value {
+    json!({"type": "failure", "tenant": t, "user": user, "at": 1_700_000_000u64})
+}
+
+/// Failures of `user`, numbered `ids`.
+fn failures(t: &str, user: &str, ids: std::ops::RangeInclusive<u64>) -> Vec<Value> {
+    ids.map(|id| event(id, failure_of(t, user))).collect()
+}
+
+/// Send `events` as `node`'s usage report; the control plane must take it.
+async fn report(server: &TestServer, node: &str, events: Vec<Value>) -> Value {
+    let (status, ack) = server
+        .post(
+            "/v1/feed/usage",
+            OPERATOR,
+            json!({"node": node, "events": events}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{ack}");
+    ack
+}
+
+/// The published failure count of `user`, from a snapshot.
+async fn published_failures(server: &TestServer, user: &str) -> Option<u32> {
+    entities(server).await.into_iter().find_map(|e| match e {
+        Entity::UserState(u) if u.user == user => Some(u.failures),
+        _ => None,
+    })
+}
+
+/// `user`'s failures as the users API lists them, published or not.
+async fn listed_failures(server: &TestServer, token: &str, user: &str) -> Option<u64> {
+    server
+        .get(&format!("/v1/users/{}/factors", enc(user)), token)
+        .await
+        .1["failures"]
+        .as_u64()
+}
+
 async fn reports_merge_and_retries_change_nothing() {
     let server = TestServer::start().await;
     let tenant = server.tenant("acme").await;
@@ -58,7 +97,7 @@ async fn reports_merge_and_retries_change_nothing() {
     let set_id = backup_set_id(&server).await;
 
     let t = &tenant.id;
-    let report = json!({"node": "node_a", "events": [
+    let mixed = json!({"node": "node_a", "events": [
         event(1, json!({"type": "totp_accepted", "tenant": t, "user": "alice", "factor": factor.id, "step": 99_000_000_000u64})),
         event(2, json!({"type": "totp_accepted", "tenant": t, "user": "alice", "factor": factor.id, "step": 5})),
         event(3, json!({"type": "backup_code_used", "tenant": t, "user": "alice", "set_id": set_id, "index": 4})),
@@ -66,9 +105,7 @@ async fn reports_merge_and_retries_change_nothing() {
         event(5, json!({"type": "failure", "tenant": t, "user": "nobody", "at": 1_700_000_000u64})),
     ]});
     let head_before = server.head().await;
-    let (status, ack) = server
-        .post("/v1/feed/usage", OPERATOR, report.clone())
-        .await;
+    let (status, ack) = server.post("/v1/feed/usage", OPERATOR, mixed.clone()).await;
     assert_eq!(status, StatusCode::OK, "{ack}");
     assert_eq!(ack["through"], 5);
     let head = ack["seq"].as_u64().expect("seq");
@@ -98,12 +135,8 @@ async fn reports_merge_and_retries_change_nothing() {
         Some(head),
         "the change of this merge is the first to count its events"
     );
-    let failures = |listed: Value| listed["failures"].as_u64();
-    let factors = format!("/v1/users/{}/factors", enc("alice"));
-    assert_eq!(
-        failures(server.get(&factors, &tenant.manage).await.1),
-        Some(1)
-    );
+    let m = &tenant.manage;
+    assert_eq!(listed_failures(&server, m, "alice").await, Some(1));
     let (status, _) = server
         .get(
             &format!("/v1/users/{}/factors", enc("nobody")),
@@ -124,7 +157,7 @@ async fn reports_merge_and_retries_change_nothing() {
     assert_eq!(summary["remaining"], 9);
 
     // The same report again (a retry after a lost answer) changes nothing.
-    let (status, again) = server.post("/v1/feed/usage", OPERATOR, report).await;
+    let (status, again) = server.post("/v1/feed/usage", OPERATOR, mixed).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(again["through"], 5);
     assert_eq!(
@@ -135,69 +168,27 @@ async fn reports_merge_and_retries_change_nothing() {
 
     // A second failure, from another node: counted, still nothing published,
     // and its ack says the next change is the first to count it.
-    let (status, ack) = server
-        .post(
-            "/v1/feed/usage",
-            OPERATOR,
-            json!({"node": "node_b", "events": [event(1, json!({"type": "failure", "tenant": t, "user": "alice", "at": 1_700_000_000u64}))]}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK);
+    let ack = report(&server, "node_b", failures(t, "alice", 1..=1)).await;
     assert_eq!(server.head().await, head, "nothing published");
     assert_eq!(ack["seq"].as_u64(), Some(head));
     assert_eq!(ack["counted_from"].as_u64(), Some(head + 1));
-    assert_eq!(
-        failures(server.get(&factors, &tenant.manage).await.1),
-        Some(2)
-    );
+    assert_eq!(listed_failures(&server, m, "alice").await, Some(2));
 
     // A success resets the count, and the reset is published so that every
     // node drops the failures it counts on its own.
-    let (status, ack) = server
-        .post(
-            "/v1/feed/usage",
-            OPERATOR,
-            json!({"node": "node_a", "events": [event(6, json!({"type": "success", "tenant": t, "user": "alice"}))]}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK);
+    let success = json!({"type": "success", "tenant": t, "user": "alice"});
+    let ack = report(&server, "node_a", vec![event(6, success)]).await;
     assert_eq!(ack["seq"].as_u64(), Some(head + 1));
-    let published = entities(&server).await.into_iter().find_map(|e| match e {
-        Entity::UserState(u) if u.user == "alice" => Some(u.failures),
-        _ => None,
-    });
-    assert_eq!(published, Some(0));
-    assert_eq!(
-        failures(server.get(&factors, &tenant.manage).await.1),
-        Some(0)
-    );
+    assert_eq!(published_failures(&server, "alice").await, Some(0));
+    assert_eq!(listed_failures(&server, m, "alice").await, Some(0));
 
     // An accepted code resets failures too: a node that did not know of the
     // unpublished ones sends no `success`.
-    let (status, _) = server
-        .post(
-            "/v1/feed/usage",
-            OPERATOR,
-            json!({"node": "node_b", "events": [event(2, json!({"type": "failure", "tenant": t, "user": "alice", "at": 1_700_000_000u64}))]}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(
-        failures(server.get(&factors, &tenant.manage).await.1),
-        Some(1)
-    );
-    let (status, _) = server
-        .post(
-            "/v1/feed/usage",
-            OPERATOR,
-            json!({"node": "node_a", "events": [event(7, json!({"type": "totp_accepted", "tenant": t, "user": "alice", "factor": factor.id, "step": 99_000_000_001u64}))]}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(
-        failures(server.get(&factors, &tenant.manage).await.1),
-        Some(0)
-    );
+    report(&server, "node_b", failures(t, "alice", 2..=2)).await;
+    assert_eq!(listed_failures(&server, m, "alice").await, Some(1));
+    let accepted = json!({"type": "totp_accepted", "tenant": t, "user": "alice", "factor": factor.id, "step": 99_000_000_001u64});
+    report(&server, "node_a", vec![event(7, accepted)]).await;
+    assert_eq!(listed_failures(&server, m, "alice").await, Some(0));
 }
 
 async fn failures_from_several_nodes_combine_into_a_throttle() {
@@ -311,18 +302,6 @@ async fn strict_backup_code_use_is_accepted_once() {
     );
 }
 
-fn failure_of(t: &str, user: &str) -> Value {
-    json!({"type": "failure", "tenant": t, "user": user, "at": 1_700_000_000u64})
-}
-
-/// The published failure count of `user`, from a snapshot.
-async fn published_failures(server: &TestServer, user: &str) -> Option<u32> {
-    entities(server).await.into_iter().find_map(|e| match e {
-        Entity::UserState(u) if u.user == user => Some(u.failures),
-        _ => None,
-    })
-}
-
 async fn a_published_state_counts_every_event_of_its_report() {
     let server = TestServer::start().await;
     let tenant = server.tenant("acme").await;
@@ -331,14 +310,13 @@ async fn a_published_state_counts_every_event_of_its_report() {
     // Two failures, a success (published: it resets them), then a failure: the
     // state published by this report must count that last one too, since the
     // node is told that the change counts all of its events.
-    let report = json!({"node": "node_a", "events": [
-        event(1, failure_of(t, "alice")),
-        event(2, failure_of(t, "alice")),
-        event(3, json!({"type": "success", "tenant": t, "user": "alice"})),
-        event(4, failure_of(t, "alice")),
-    ]});
-    let (status, ack) = server.post("/v1/feed/usage", OPERATOR, report).await;
-    assert_eq!(status, StatusCode::OK, "{ack}");
+    let mut events = failures(t, "alice", 1..=2);
+    events.push(event(
+        3,
+        json!({"type": "success", "tenant": t, "user": "alice"}),
+    ));
+    events.push(event(4, failure_of(t, "alice")));
+    let ack = report(&server, "node_a", events).await;
     assert_eq!(ack["counted_from"], ack["seq"]);
     assert_eq!(published_failures(&server, "alice").await, Some(1));
 }
@@ -349,31 +327,25 @@ async fn a_retried_report_is_answered_with_its_first_merge() {
     server.active_factor(&tenant.manage, "alice").await;
     server.active_factor(&tenant.manage, "bob").await;
     let t = &tenant.id;
-    let first = json!({"node": "node_a", "events": [event(1, failure_of(t, "alice"))]});
-    let (_, ack) = server.post("/v1/feed/usage", OPERATOR, first).await;
+    let ack = report(&server, "node_a", failures(t, "alice", 1..=1)).await;
     let counted_from = ack["counted_from"].as_u64().expect("counted_from");
     assert!(ack.get("retried").is_none(), "{ack}");
     // Another node's report publishes something in between.
-    server
-        .post(
-            "/v1/feed/usage",
-            OPERATOR,
-            json!({"node": "node_b", "events": [event(1, json!({"type": "success", "tenant": t, "user": "bob"})), event(2, failure_of(t, "bob")), event(3, json!({"type": "success", "tenant": t, "user": "bob"}))]}),
-        )
-        .await;
+    let bob_success = json!({"type": "success", "tenant": t, "user": "bob"});
+    let between = vec![
+        event(1, bob_success.clone()),
+        event(2, failure_of(t, "bob")),
+        event(3, bob_success),
+    ];
+    report(&server, "node_b", between).await;
     // The answer to the first was lost: node_a sends event 1 again, with 2.
-    let retry = json!({"node": "node_a", "events": [
-        event(1, failure_of(t, "alice")),
-        event(2, failure_of(t, "alice")),
-    ]});
-    let (status, ack) = server.post("/v1/feed/usage", OPERATOR, retry.clone()).await;
-    assert_eq!(status, StatusCode::OK, "{ack}");
+    let ack = report(&server, "node_a", failures(t, "alice", 1..=2)).await;
     assert_eq!(ack["retried"]["through"], 1);
     assert_eq!(ack["retried"]["counted_from"], counted_from);
     let second = ack["counted_from"].as_u64().expect("counted_from");
     assert!(second > counted_from, "{ack}");
     // Everything merged before: the answer is the last merge's.
-    let (_, again) = server.post("/v1/feed/usage", OPERATOR, retry).await;
+    let again = report(&server, "node_a", failures(t, "alice", 1..=2)).await;
     assert_eq!(again["counted_from"], second);
 }
 
@@ -388,53 +360,24 @@ async fn a_refused_code_resets_nothing() {
         .post("/v1/feed/backup-code-use", &node.secret, body.clone())
         .await;
     assert_eq!(first["accepted"], true);
-    let failures: Vec<Value> = (1..=3)
-        .map(|id| event(id, failure_of(&tenant.id, "bob")))
-        .collect();
-    server
-        .post(
-            "/v1/feed/usage",
-            OPERATOR,
-            json!({"node": "node_a", "events": failures}),
-        )
-        .await;
-    let listed = || async {
-        server
-            .get(&format!("/v1/users/{}/factors", enc("bob")), &tenant.manage)
-            .await
-            .1["failures"]
-            .as_u64()
-    };
-    assert_eq!(listed().await, Some(3));
+    report(&server, "node_a", failures(&tenant.id, "bob", 1..=3)).await;
+    let m = &tenant.manage;
+    assert_eq!(listed_failures(&server, m, "bob").await, Some(3));
     // The used code again, strict and reported: refused, and no reset.
     let (_, again) = server
         .post("/v1/feed/backup-code-use", &node.secret, body)
         .await;
     assert_eq!(again["accepted"], false);
-    server
-        .post(
-            "/v1/feed/usage",
-            OPERATOR,
-            json!({"node": "node_a", "events": [event(4, json!({"type": "backup_code_used", "tenant": tenant.id, "user": "bob", "set_id": set_id, "index": 2}))]}),
-        )
-        .await;
-    assert_eq!(listed().await, Some(3));
+    let used = json!({"type": "backup_code_used", "tenant": tenant.id, "user": "bob", "set_id": set_id, "index": 2});
+    report(&server, "node_a", vec![event(4, used)]).await;
+    assert_eq!(listed_failures(&server, m, "bob").await, Some(3));
 }
 
 async fn a_user_with_only_unpublished_failures_can_be_deleted() {
     let server = TestServer::start().await;
     let tenant = server.tenant("acme").await;
     let factor = server.active_factor(&tenant.manage, "carol").await;
-    let failures: Vec<Value> = (1..=2)
-        .map(|id| event(id, failure_of(&tenant.id, "carol")))
-        .collect();
-    server
-        .post(
-            "/v1/feed/usage",
-            OPERATOR,
-            json!({"node": "node_a", "events": failures}),
-        )
-        .await;
+    report(&server, "node_a", failures(&tenant.id, "carol", 1..=2)).await;
     let (status, _) = server
         .delete(
             &format!("/v1/users/{}/factors/{}", enc("carol"), factor.id),
