@@ -33,7 +33,9 @@ pub fn load(
     std::fs::create_dir_all(&config.data_dir).map_err(|e| StartError::Other(e.to_string()))?;
     let replica = Replica::open(&config.data_dir)?;
     let index = Index::default();
+    let started = std::time::Instant::now();
     let loaded = replica.load_into(&index)?;
+    let load_ms = started.elapsed().as_millis();
     let opened = Outbox::open(&config.data_dir)?;
     let applied = replica.position().applied;
     let synced = !replica.is_empty();
@@ -44,6 +46,7 @@ pub fn load(
         tracing::info!(
             applied,
             entities = loaded,
+            load_ms,
             "replica loaded; serving from it"
         );
     } else {
