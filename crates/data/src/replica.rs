@@ -26,6 +26,13 @@ const LOAD_BATCH: usize = 4096;
 /// the queue stays a few megabytes.
 const LOAD_QUEUE: usize = 4;
 
+/// Threads that load a replica into the index (see [`Replica::load_into`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LoadThreads {
+    One,
+    Two,
+}
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
 CREATE TABLE IF NOT EXISTS entities (key TEXT NOT NULL, body BLOB NOT NULL) STRICT;
@@ -168,11 +175,14 @@ impl Replica {
     /// takes about as long as the parsing alone (BENCHMARKS.md). With one core,
     /// where a second thread only adds hand-overs, both run here.
     pub fn load_into(&self, index: &Index) -> Result<u64> {
-        let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        self.load_with(index, cores > 1)
+        let threads = match std::thread::available_parallelism().map_or(1, usize::from) {
+            1 => LoadThreads::One,
+            _ => LoadThreads::Two,
+        };
+        self.load_with(index, threads)
     }
 
-    fn load_with(&self, index: &Index, two_threads: bool) -> Result<u64> {
+    fn load_with(&self, index: &Index, threads: LoadThreads) -> Result<u64> {
         let applied = self.position.applied;
         let apply = |batch: &[Entity]| -> Result<()> {
             let prepared = batch
@@ -182,11 +192,10 @@ impl Replica {
             index.apply(prepared);
             Ok(())
         };
-        let mut failed = None;
-        if !two_threads {
+        if threads == LoadThreads::One {
+            let mut failed = None;
             let count = self.read_entities(|batch| {
-                let result = apply(&batch);
-                failed = result.err();
+                failed = apply(&batch).err();
                 failed.is_none()
             })?;
             return failed.map_or(Ok(count), Err);
@@ -205,19 +214,21 @@ impl Replica {
                     }
                     Ok(())
                 })?;
-            // On an error either way the other side stops: a closed channel ends
-            // the applier's loop, and a failed send ends the reading.
+            // A failed check ends the applier, which closes the channel, and the
+            // reading stops at its next send. A failed read closes the channel
+            // too: the applier finishes the batches already queued, then stops.
             let read = self.read_entities(|batch| {
                 returned.try_iter().for_each(drop);
                 batches.send(batch).is_ok()
             });
             drop(batches);
-            let apply = applier.join().unwrap_or_else(|_| {
-                Err(ReplicaError::Corrupt("the loading thread panicked".into()))
-            });
-            let count = read?;
-            apply?;
-            Ok(count)
+            let applied = applier
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            // The applier's error first: its batch came before the row the
+            // reading may have failed on, as on one thread.
+            applied?;
+            read
         })
     }
 
@@ -436,19 +447,19 @@ mod tests {
         replica.swap_in(staged).unwrap()
     }
 
+    const BOTH: [LoadThreads; 2] = [LoadThreads::One, LoadThreads::Two];
+
     #[test]
     fn a_load_applies_every_batch_on_one_thread_or_two() {
         let dir = tempfile::tempdir().unwrap();
-        let count = LOAD_BATCH * 2 + 5;
+        // More batches than the queue holds, so the reading waits on it.
+        let count = LOAD_BATCH * (LOAD_QUEUE + 3) + 5;
         let rows: Vec<Row> = (0..count).map(|n| row(&totp(n))).collect();
         let replica = replica_of(dir.path(), &rows);
-        for two_threads in [false, true] {
+        for threads in BOTH {
             let index = Index::default();
-            assert_eq!(
-                replica.load_with(&index, two_threads).unwrap(),
-                count as u64
-            );
-            assert_eq!(index.factor_count(), count, "two threads: {two_threads}");
+            assert_eq!(replica.load_with(&index, threads).unwrap(), count as u64);
+            assert_eq!(index.factor_count(), count, "{threads:?}");
             assert_eq!(index.user_count(), count);
             let last = format!("u{}", count - 1);
             assert_eq!(
@@ -460,30 +471,36 @@ mod tests {
 
     #[test]
     fn a_bad_row_fails_the_load_on_one_thread_or_two() {
-        let mut bad_digits = totp(LOAD_BATCH + 1);
+        let at = LOAD_BATCH + 1;
+        let mut bad_digits = totp(at);
         if let Entity::Totp(t) = &mut bad_digits {
             t.digits = 99;
         }
-        let cases = [
-            // Not an entity at all: the reading side fails.
-            (key_text(&totp(LOAD_BATCH + 1).key()), b"{not json".to_vec()),
-            // An entity the index refuses: the applying side fails.
-            row(&bad_digits),
-        ];
-        for bad in cases {
+        // Not an entity at all: the reading fails.
+        let not_json = (key_text(&totp(at).key()), b"{not json".to_vec());
+        // An entity the index refuses: the applying fails, early enough that
+        // the reading is still filling the queue and must stop.
+        let refused = row(&bad_digits);
+        for (bad, corrupt) in [(not_json, true), (refused, false)] {
             let dir = tempfile::tempdir().unwrap();
-            let mut rows: Vec<Row> = (0..LOAD_BATCH * 3).map(|n| row(&totp(n))).collect();
-            rows[LOAD_BATCH + 1] = bad.clone();
+            let mut rows: Vec<Row> = (0..LOAD_BATCH * (LOAD_QUEUE + 3))
+                .map(|n| row(&totp(n)))
+                .collect();
+            rows[at] = bad;
             let replica = replica_of(dir.path(), &rows);
-            for two_threads in [false, true] {
-                let result = replica.load_with(&Index::default(), two_threads);
-                assert!(
-                    matches!(
-                        result,
-                        Err(ReplicaError::Corrupt(_) | ReplicaError::Record(_))
-                    ),
-                    "two threads: {two_threads}: {result:?}"
-                );
+            for threads in BOTH {
+                let result = replica.load_with(&Index::default(), threads);
+                if corrupt {
+                    assert!(
+                        matches!(result, Err(ReplicaError::Corrupt(_))),
+                        "{threads:?}: {result:?}"
+                    );
+                } else {
+                    assert!(
+                        matches!(result, Err(ReplicaError::Record(_))),
+                        "{threads:?}: {result:?}"
+                    );
+                }
             }
         }
     }
