@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{OPERATOR, TestServer, enc};
+use common::{NewKey, OPERATOR, Tenant, TestServer, enc};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use twofold_core::feed::{Entity, SnapshotLine};
@@ -270,11 +270,19 @@ async fn reports_are_validated_and_may_exceed_the_default_body_limit() {
     assert_eq!(ack["through"], 900);
 }
 
-async fn strict_backup_code_use_is_accepted_once() {
-    let server = TestServer::start().await;
+/// Bob's backup code 2, used once through the strict path.
+struct UsedCode {
+    tenant: Tenant,
+    node: NewKey,
+    set_id: String,
+    /// The request that used it.
+    body: Value,
+}
+
+async fn use_bobs_code(server: &TestServer) -> UsedCode {
     let tenant = server.tenant("acme").await;
     server.backup_codes(&tenant.manage, "bob").await;
-    let set_id = backup_set_id(&server).await;
+    let set_id = backup_set_id(server).await;
     let node = server.create_node_key().await;
     let body = json!({"tenant": tenant.id, "user": "bob", "set_id": set_id, "index": 2});
     let (status, first) = server
@@ -282,6 +290,19 @@ async fn strict_backup_code_use_is_accepted_once() {
         .await;
     assert_eq!(status, StatusCode::OK, "{first}");
     assert_eq!(first["accepted"], true);
+    UsedCode {
+        tenant,
+        node,
+        set_id,
+        body,
+    }
+}
+
+async fn strict_backup_code_use_is_accepted_once() {
+    let server = TestServer::start().await;
+    let UsedCode {
+        tenant, node, body, ..
+    } = use_bobs_code(&server).await;
     let (_, second) = server
         .post("/v1/feed/backup-code-use", &node.secret, body)
         .await;
@@ -351,15 +372,12 @@ async fn a_retried_report_is_answered_with_its_first_merge() {
 
 async fn a_refused_code_resets_nothing() {
     let server = TestServer::start().await;
-    let tenant = server.tenant("acme").await;
-    server.backup_codes(&tenant.manage, "bob").await;
-    let set_id = backup_set_id(&server).await;
-    let node = server.create_node_key().await;
-    let body = json!({"tenant": tenant.id, "user": "bob", "set_id": set_id, "index": 2});
-    let (_, first) = server
-        .post("/v1/feed/backup-code-use", &node.secret, body.clone())
-        .await;
-    assert_eq!(first["accepted"], true);
+    let UsedCode {
+        tenant,
+        node,
+        set_id,
+        body,
+    } = use_bobs_code(&server).await;
     report(&server, "node_a", failures(&tenant.id, "bob", 1..=3)).await;
     let m = &tenant.manage;
     assert_eq!(listed_failures(&server, m, "bob").await, Some(3));
