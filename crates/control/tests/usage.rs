@@ -195,23 +195,8 @@ async fn failures_from_several_nodes_combine_into_a_throttle() {
     let server = TestServer::start().await;
     let tenant = server.tenant("acme").await;
     server.active_factor(&tenant.manage, "alice").await;
-    for (node, first) in [("node_a", 1), ("node_b", 1)] {
-        let events: Vec<Value> = (first..first + 3)
-            .map(|id| {
-                event(
-                    id,
-                    json!({"type": "failure", "tenant": tenant.id, "user": "alice", "at": 1_700_000_000u64}),
-                )
-            })
-            .collect();
-        let (status, body) = server
-            .post(
-                "/v1/feed/usage",
-                OPERATOR,
-                json!({"node": node, "events": events}),
-            )
-            .await;
-        assert_eq!(status, StatusCode::OK, "{body}");
+    for node in ["node_a", "node_b"] {
+        report(&server, node, failures(&tenant.id, "alice", 1..=3)).await;
     }
     let state = entities(&server)
         .await
@@ -223,13 +208,10 @@ async fn failures_from_several_nodes_combine_into_a_throttle() {
         .expect("user state");
     assert_eq!(state.failures, 6, "each node's cursor is its own");
     assert_eq!(state.throttled_until, Some(1_700_000_000 + 60));
-    let (_, listed) = server
-        .get(
-            &format!("/v1/users/{}/factors", enc("alice")),
-            &tenant.manage,
-        )
-        .await;
-    assert_eq!(listed["failures"], 6);
+    assert_eq!(
+        listed_failures(&server, &tenant.manage, "alice").await,
+        Some(6)
+    );
 }
 
 async fn reports_are_validated_and_may_exceed_the_default_body_limit() {

@@ -952,7 +952,7 @@ impl Index {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use twofold_core::feed::{ApiKeyRecord, TotpRecord, UserStateRecord};
 
     use super::*;
@@ -964,7 +964,8 @@ mod tests {
         assert_eq!(std::mem::size_of::<User>(), 40);
     }
 
-    fn sealed() -> Vec<u8> {
+    /// A sealed secret of the stored layout, for records that are never opened.
+    pub(crate) fn sealed() -> Vec<u8> {
         let mut blob = vec![1, 0, 0, 0, 1];
         blob.extend([0u8; 24 + 16 + 20]);
         blob

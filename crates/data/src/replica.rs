@@ -419,8 +419,6 @@ mod tests {
     }
 
     fn totp(n: usize) -> Entity {
-        let mut sealed = vec![1, 0, 0, 0, 1];
-        sealed.extend([0u8; 24 + 16 + 20]);
         Entity::Totp(TotpRecord {
             id: format!("fa_{n}"),
             tenant: "tn_a".into(),
@@ -428,7 +426,7 @@ mod tests {
             algorithm: "SHA1".into(),
             digits: 6,
             period: 30,
-            sealed,
+            sealed: crate::index::tests::sealed(),
             last_step: None,
         })
     }
