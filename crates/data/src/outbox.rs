@@ -106,10 +106,25 @@ impl std::fmt::Debug for Command {
 struct Shared {
     /// Events recorded since the writer last took them.
     recorded: Mutex<Events>,
-    /// Events committed and not yet acknowledged.
+    /// Events recorded or submitted and not yet acknowledged.
     unacked: AtomicU64,
     /// Cleared when the writer thread ends.
     alive: AtomicBool,
+}
+
+impl Shared {
+    fn count(&self, events: usize) {
+        self.unacked.fetch_add(events as u64, Ordering::SeqCst);
+    }
+
+    /// No longer waiting for `events`; returns how many are left.
+    fn uncount(&self, events: u64) -> u64 {
+        self.unacked
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                Some(n.saturating_sub(events))
+            })
+            .map_or(0, |n| n.saturating_sub(events))
+    }
 }
 
 /// Handle to the outbox thread. Cheap to clone.
@@ -295,6 +310,7 @@ impl Outbox {
     /// they are committed, and may be dropped.
     pub fn submit(&self, events: Events) -> Result<impl Future<Output = Result<()>> + use<>> {
         let (reply, done) = oneshot::channel();
+        self.shared.count(events.len());
         self.tx
             .send(Command::Submit(events, reply))
             .map_err(|_| OutboxError::Closed)?;
@@ -313,6 +329,9 @@ impl Outbox {
         }
         let first = {
             let mut recorded = lock(&self.shared.recorded);
+            // Counted under the lock, before the writer can take and commit
+            // them, so their acknowledgement never comes before the count.
+            self.shared.count(events.len());
             let first = recorded.is_empty();
             recorded.extend(events);
             first
@@ -336,8 +355,9 @@ impl Outbox {
         done.await.map_err(|_| OutboxError::Closed)?
     }
 
-    /// How many stored events the control plane has not acknowledged yet. An
-    /// event counts from its commit until its `ack` is processed.
+    /// How many events the control plane has not acknowledged yet. An event
+    /// counts from its `record` or `submit` until its `ack` is processed, so a
+    /// node whose count is 0 has reported every attempt it answered.
     pub fn unacked(&self) -> u64 {
         self.shared.unacked.load(Ordering::SeqCst)
     }
@@ -437,6 +457,7 @@ impl Writer {
                 other => others.push(other),
             }
         }
+        let count = events.len();
         let result = if events.is_empty() {
             Ok(())
         } else {
@@ -444,6 +465,8 @@ impl Writer {
         };
         if let Err(e) = &result {
             tracing::error!(error = %e, "cannot write usage events to the outbox");
+            // Lost, so never acknowledged: no longer waiting for it.
+            self.shared.uncount(count as u64);
         }
         for reply in replies {
             let _ = reply.send(match &result {
@@ -497,9 +520,6 @@ impl Writer {
             self.queue.clear();
             self.complete = false;
         }
-        self.shared
-            .unacked
-            .fetch_add(count as u64, Ordering::SeqCst);
         Ok(())
     }
 
@@ -548,13 +568,7 @@ impl Writer {
                 })? as u64
         };
         self.acked_through = through;
-        let left = self
-            .shared
-            .unacked
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                Some(n.saturating_sub(newly))
-            })
-            .map_or(0, |n| n.saturating_sub(newly));
+        let left = self.shared.uncount(newly);
         if !self.complete && left == 0 {
             self.complete = true;
         }
@@ -669,6 +683,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let opened = Outbox::open(dir.path()).unwrap();
         opened.outbox.record(vec![(1, failure(10))]).unwrap();
+        // Waiting for acknowledgement from the moment it is recorded, before
+        // the linger commits it: a depth of 0 means every attempt is reported.
+        assert_eq!(opened.outbox.unacked(), 1);
         opened.outbox.record(vec![(2, failure(11))]).unwrap();
         // Asking for unsent events takes everything recorded before the call.
         let unsent = opened.outbox.unsent(10, u64::MAX).await.unwrap();
