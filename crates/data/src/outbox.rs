@@ -310,10 +310,12 @@ impl Outbox {
     /// they are committed, and may be dropped.
     pub fn submit(&self, events: Events) -> Result<impl Future<Output = Result<()>> + use<>> {
         let (reply, done) = oneshot::channel();
-        self.shared.count(events.len());
-        self.tx
-            .send(Command::Submit(events, reply))
-            .map_err(|_| OutboxError::Closed)?;
+        let count = events.len();
+        self.shared.count(count);
+        if self.tx.send(Command::Submit(events, reply)).is_err() {
+            self.shared.uncount(count as u64);
+            return Err(OutboxError::Closed);
+        }
         Ok(async move { done.await.map_err(|_| OutboxError::Closed)? })
     }
 
