@@ -117,13 +117,13 @@ impl Shared {
         self.unacked.fetch_add(events as u64, Ordering::SeqCst);
     }
 
-    /// No longer waiting for `events`; returns how many are left.
-    fn uncount(&self, events: u64) -> u64 {
-        self.unacked
+    /// No longer waiting for `events`.
+    fn uncount(&self, events: u64) {
+        let _ = self
+            .unacked
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 Some(n.saturating_sub(events))
-            })
-            .map_or(0, |n| n.saturating_sub(events))
+            });
     }
 }
 
@@ -275,6 +275,7 @@ impl Outbox {
         let writer = Writer {
             conn,
             max_queued,
+            committed: unsent.len() as u64,
             shared: shared.clone(),
             acked_through: acks.last().map_or(0, |(through, ..)| *through),
             queue: if complete { unsent } else { BTreeMap::new() },
@@ -440,6 +441,10 @@ struct Writer {
     /// Whether `queue` holds every committed event not yet acknowledged; if
     /// not, the reporter's events are read from the file.
     complete: bool,
+    /// Committed events not yet acknowledged. Unlike the shared count, not
+    /// those still waiting to be committed: once this is 0, `queue` (empty)
+    /// is complete again, however many attempts are recorded meanwhile.
+    committed: u64,
     /// The highest event id acknowledged.
     acked_through: u64,
 }
@@ -507,6 +512,7 @@ impl Writer {
         }
         tx.commit()?;
         let count = events.len();
+        self.committed += count as u64;
         if self.complete && self.queue.len() + count <= self.max_queued {
             self.queue.extend(events);
         } else if self.complete {
@@ -561,8 +567,9 @@ impl Writer {
                 })? as u64
         };
         self.acked_through = through;
-        let left = self.shared.uncount(newly);
-        if !self.complete && left == 0 {
+        self.shared.uncount(newly);
+        self.committed = self.committed.saturating_sub(newly);
+        if !self.complete && self.committed == 0 {
             self.complete = true;
         }
         Ok(())
