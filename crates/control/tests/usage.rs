@@ -10,6 +10,7 @@ use twofold_core::feed::{Entity, SnapshotLine};
 
 suite! {
     reports_merge_and_retries_change_nothing,
+    an_accepted_code_moves_only_its_own_active_factor_forward,
     a_published_state_counts_every_event_of_its_report,
     a_retried_report_is_answered_with_its_first_merge,
     a_refused_code_resets_nothing,
@@ -189,6 +190,63 @@ async fn reports_merge_and_retries_change_nothing() {
     let accepted = json!({"type": "totp_accepted", "tenant": t, "user": "alice", "factor": factor.id, "step": 99_000_000_001u64});
     report(&server, "node_a", vec![event(7, accepted)]).await;
     assert_eq!(listed_failures(&server, m, "alice").await, Some(0));
+}
+
+async fn an_accepted_code_moves_only_its_own_active_factor_forward() {
+    let server = TestServer::start().await;
+    let tenant = server.tenant("acme").await;
+    let active = server.active_factor(&tenant.manage, "alice").await;
+    let pending = server.enroll(&tenant.manage, "bob").await;
+    let last_step = |state: Vec<Entity>| {
+        state.into_iter().find_map(|e| match e {
+            Entity::Totp(f) if f.id == active.id => Some(f.last_step),
+            _ => None,
+        })
+    };
+    let t = &tenant.id;
+    let accepted = |id: u64, user: &str, factor: &str, step: u64| {
+        event(
+            id,
+            json!({"type": "totp_accepted", "tenant": t, "user": user, "factor": factor, "step": step}),
+        )
+    };
+    let before = last_step(entities(&server).await).expect("alice's factor is listed");
+    let head = server.head().await;
+
+    // A pending factor, and a factor reported under a user it is not of.
+    let ack = report(
+        &server,
+        "node_a",
+        vec![
+            accepted(1, "bob", &pending.id, 99_000_000_000),
+            accepted(2, "bob", &active.id, 99_000_000_000),
+        ],
+    )
+    .await;
+    assert_eq!(ack["through"], 2);
+    assert_eq!(server.head().await, head, "nothing to publish");
+    assert_eq!(last_step(entities(&server).await), Some(before));
+
+    let ack = report(
+        &server,
+        "node_a",
+        vec![accepted(3, "alice", &active.id, 99_000_000_000)],
+    )
+    .await;
+    assert_eq!(ack["seq"], head + 1);
+    assert_eq!(
+        last_step(entities(&server).await),
+        Some(Some(99_000_000_000))
+    );
+
+    // The same step again, from another node: already there.
+    report(
+        &server,
+        "node_b",
+        vec![accepted(1, "alice", &active.id, 99_000_000_000)],
+    )
+    .await;
+    assert_eq!(server.head().await, head + 1, "a step already merged");
 }
 
 async fn failures_from_several_nodes_combine_into_a_throttle() {

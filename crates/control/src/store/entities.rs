@@ -131,6 +131,29 @@ pub(super) fn factor(
     )
 }
 
+/// Move an active factor's last step forward to `step`, if it is behind, in
+/// one statement. Returns the factor as updated, or `None` if it is missing,
+/// not active, or already at or past `step`.
+pub(super) fn advance_last_step(
+    conn: &mut Conn<'_, '_>,
+    tenant: &str,
+    user: &str,
+    id: &str,
+    step: u64,
+) -> Result<Option<FactorRow>> {
+    let step = step as i64;
+    conn.query_opt(
+        &format!(
+            "UPDATE totp_factors SET last_step = ?
+             WHERE id = ? AND tenant = ? AND user_id = ? AND status = 'active'
+               AND (last_step IS NULL OR last_step < ?)
+             RETURNING {FACTOR_COLUMNS}"
+        ),
+        args![step, id, tenant, user, step],
+        factor_row,
+    )
+}
+
 pub(super) fn factors_of(
     conn: &mut Conn<'_, '_>,
     tenant: &str,

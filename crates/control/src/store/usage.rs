@@ -25,7 +25,7 @@ use super::entities::{
     self, backup_codes_of, put_unpublished, put_user_state, user_exists, whole_user_state,
 };
 use super::sql::args;
-use super::{Actor, FactorStatus, Result, Store, UserStateRow, Write};
+use super::{Actor, Result, Store, UserStateRow, Write};
 
 /// A user's whole state, published or not.
 fn throttle_of(row: &UserStateRow) -> Throttle {
@@ -166,17 +166,11 @@ fn merge(
             factor,
             step,
         } => {
-            let Some(mut row) = entities::factor(&mut w.tx, tenant, user, factor)? else {
+            // One statement: every accepted code a node reports comes here.
+            let Some(row) = entities::advance_last_step(&mut w.tx, tenant, user, factor, *step)?
+            else {
                 return Ok(());
             };
-            if row.status != FactorStatus::Active || row.last_step.is_some_and(|s| s >= *step) {
-                return Ok(());
-            }
-            w.tx.execute(
-                "UPDATE totp_factors SET last_step = ? WHERE id = ?",
-                args![*step as i64, factor],
-            )?;
-            row.last_step = Some(*step);
             let entity = entities::totp(&row);
             touched.insert(entity.key(), entity);
             succeed(w, tenant, user, touched)?;
