@@ -68,14 +68,41 @@ pub struct Position {
 /// The stored form of a key: its parts joined by U+001F, a control character no
 /// id or user id can contain.
 pub fn key_text(key: &EntityKey) -> String {
-    const SEP: char = '\u{1f}';
     match key {
-        EntityKey::Tenant { id } => format!("tenant{SEP}{id}"),
-        EntityKey::ApiKey { id } => format!("api_key{SEP}{id}"),
-        EntityKey::Totp { tenant, user, id } => format!("totp{SEP}{tenant}{SEP}{user}{SEP}{id}"),
-        EntityKey::BackupCodes { tenant, user } => format!("backup_codes{SEP}{tenant}{SEP}{user}"),
-        EntityKey::UserState { tenant, user } => format!("user_state{SEP}{tenant}{SEP}{user}"),
+        EntityKey::Tenant { id } => joined("tenant", &[id]),
+        EntityKey::ApiKey { id } => joined("api_key", &[id]),
+        EntityKey::Totp { tenant, user, id } => joined("totp", &[tenant, user, id]),
+        EntityKey::BackupCodes { tenant, user } => joined("backup_codes", &[tenant, user]),
+        EntityKey::UserState { tenant, user } => joined("user_state", &[tenant, user]),
     }
+}
+
+/// `key_text(&entity.key())`, without copying the key's parts first: a
+/// bootstrap makes one per entity.
+pub fn entity_key_text(entity: &Entity) -> String {
+    match entity {
+        Entity::Tenant(t) => joined("tenant", &[&t.id]),
+        Entity::ApiKey(k) => joined("api_key", &[&k.id]),
+        Entity::Totp(f) => joined("totp", &[&f.tenant, &f.user, &f.id]),
+        Entity::BackupCodes(b) => joined("backup_codes", &[&b.tenant, &b.user]),
+        Entity::UserState(u) => joined("user_state", &[&u.tenant, &u.user]),
+    }
+}
+
+fn joined(kind: &str, parts: &[&str]) -> String {
+    const SEP: char = '\u{1f}';
+    let len = kind.len()
+        + parts
+            .iter()
+            .map(|p| p.len() + SEP.len_utf8())
+            .sum::<usize>();
+    let mut text = String::with_capacity(len);
+    text.push_str(kind);
+    for part in parts {
+        text.push(SEP);
+        text.push_str(part);
+    }
+    text
 }
 
 /// A row of the replica: the key's stored form and the entity's canonical bytes.
@@ -278,7 +305,7 @@ impl Replica {
             for op in changes.iter().flat_map(|c| &c.ops) {
                 match op {
                     Op::Put { entity } => {
-                        put.execute(params![key_text(&entity.key()), entity.canonical_bytes()])?;
+                        put.execute(params![entity_key_text(entity), entity.canonical_bytes()])?;
                     }
                     Op::Delete { key } => {
                         delete.execute([key_text(key)])?;
@@ -399,7 +426,9 @@ fn sync_dir(dir: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use twofold_core::feed::{TenantRecord, TotpRecord};
+    use twofold_core::feed::{
+        ApiKeyRecord, BackupCodesRecord, TenantRecord, TotpRecord, UserStateRecord,
+    };
 
     use super::*;
 
@@ -429,6 +458,43 @@ mod tests {
             sealed: crate::index::tests::sealed(),
             last_step: None,
         })
+    }
+
+    #[test]
+    fn an_entity_key_is_stored_as_its_key_text() {
+        let (tenant_id, user) = ("tn_a".to_owned(), "u1".to_owned());
+        let entities = [
+            tenant("tn_a"),
+            Entity::ApiKey(ApiKeyRecord {
+                id: "ak_1".into(),
+                tenant: tenant_id.clone(),
+                hash: vec![1; 32],
+                scopes: vec!["verify".into()],
+            }),
+            totp(1),
+            Entity::BackupCodes(BackupCodesRecord {
+                tenant: tenant_id.clone(),
+                user: user.clone(),
+                set_id: "bs_1".into(),
+                codes: Vec::new(),
+            }),
+            Entity::UserState(UserStateRecord {
+                tenant: tenant_id,
+                user,
+                failures: 2,
+                locked: false,
+                throttled_until: None,
+            }),
+        ];
+        for entity in &entities {
+            assert_eq!(entity_key_text(entity), key_text(&entity.key()));
+        }
+        // Replicas on disk hold keys in this form.
+        assert_eq!(
+            entity_key_text(&totp(1)),
+            "totp\u{1f}tn_a\u{1f}u1\u{1f}fa_1"
+        );
+        assert_eq!(entity_key_text(&tenant("tn_a")), "tenant\u{1f}tn_a");
     }
 
     /// A replica holding `rows`, swapped in from a staging file at seq 7.

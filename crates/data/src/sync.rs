@@ -20,7 +20,7 @@ use twofold_core::feed::{Change, ChangeLine, SnapshotLine, StateDigest};
 
 use crate::index::{Index, Prepared, RecordError, prepare, prepare_put};
 use crate::node::Node;
-use crate::replica::{Position, Replica, ReplicaError, Row, Staging, key_text};
+use crate::replica::{Position, Replica, ReplicaError, Row, Staging, entity_key_text};
 
 /// Entities written to the staging file per chunk. Each row held until its
 /// chunk is written sits in the heap between long-lived index records; with
@@ -133,7 +133,7 @@ impl LineBuffer {
     pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<BytesMut>, SyncError> {
         self.buf.extend_from_slice(chunk);
         let mut lines = Vec::new();
-        while let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
+        while let Some(end) = memchr::memchr(b'\n', &self.buf) {
             let mut line = self.buf.split_to(end + 1);
             line.truncate(end);
             if line.len() > self.max {
@@ -421,7 +421,7 @@ async fn bootstrap(
                         .map_or_else(|| entity.canonical_bytes(), <[u8]>::to_vec);
                     digest.add_canonical(&body);
                     prepared.push(prepare_put(&entity)?.at(begin.unwrap_or_default()));
-                    batch.push((key_text(&entity.key()), body));
+                    batch.push((entity_key_text(&entity), body));
                 }
                 SnapshotLine::End { seq, count, digest } if begin.is_some() => {
                     end = Some((seq, count, digest))
