@@ -398,6 +398,11 @@ async fn bootstrap(
     let mut prepared: Vec<Prepared> = Vec::with_capacity(SNAPSHOT_BATCH);
     let mut body = response.bytes_stream();
     let mut lines = LineBuffer::new(node.config.max_line);
+    // With a second core, a batch is written on a blocking thread while this
+    // task parses the next one (one insert in flight). On one core the two
+    // would only take turns, at the cost of switching between them.
+    let overlap = std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
+    let mut inserting = None;
     while end.is_none() {
         let Some(chunk) =
             next_chunk(node.config.heartbeat_timeout, &node.shutdown, &mut body).await?
@@ -431,19 +436,26 @@ async fn bootstrap(
         }
         if batch.len() >= SNAPSHOT_BATCH || end.is_some() {
             let rows = std::mem::take(&mut batch);
-            let mut stage = staging
-                .take()
-                .ok_or_else(|| SyncError::Worker("staging missing".into()))?;
-            let (stage, result) = tokio::task::spawn_blocking(move || {
+            let mut stage = match inserting.take() {
+                Some(previous) => inserted(previous).await?,
+                None => staging
+                    .take()
+                    .ok_or_else(|| SyncError::Worker("staging missing".into()))?,
+            };
+            let insert = tokio::task::spawn_blocking(move || {
                 let result = stage.insert(&rows);
                 (stage, result)
-            })
-            .await
-            .map_err(|e| SyncError::Worker(e.to_string()))?;
-            result?;
-            staging = Some(stage);
+            });
+            if overlap {
+                inserting = Some(insert);
+            } else {
+                staging = Some(inserted(insert).await?);
+            }
             fresh.apply(std::mem::take(&mut prepared));
         }
+    }
+    if let Some(last) = inserting.take() {
+        staging = Some(inserted(last).await?);
     }
     let (seq, count, expected) = end.ok_or_else(|| SyncError::Snapshot("no trailer".into()))?;
     if Some(seq) != begin || count != digest.count() || expected != digest.to_hex() {
@@ -481,6 +493,15 @@ async fn bootstrap(
     node.sync.ready.store(true, Ordering::SeqCst);
     tracing::info!(seq, entities = count, "bootstrap complete");
     Ok(())
+}
+
+/// The staging file back from a batch insert, once the insert succeeded.
+async fn inserted(
+    insert: tokio::task::JoinHandle<(Staging, Result<(), ReplicaError>)>,
+) -> Result<Staging, SyncError> {
+    let (stage, result) = insert.await.map_err(|e| SyncError::Worker(e.to_string()))?;
+    result?;
+    Ok(stage)
 }
 
 fn node_dir(replica: &Option<Replica>) -> Result<std::path::PathBuf, SyncError> {
