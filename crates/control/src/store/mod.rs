@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::watch;
 use twofold_core::feed::{BackupCodeEntry, EntityKey, Op};
@@ -971,6 +972,10 @@ fn connect(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.set_prepared_statement_cache_capacity(64);
+    // Plans never depend on bound values. Without this, SQLite may mark a
+    // cached statement to be compiled again whenever a parameter's value
+    // changes, and the failure merge's statement was: parsed anew per failure.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // With WAL, NORMAL loses no committed transaction on a process crash; FULL
     // also survives power loss, which is what a change log needs.
