@@ -190,6 +190,14 @@ async fn reports_merge_and_retries_change_nothing() {
     let accepted = json!({"type": "totp_accepted", "tenant": t, "user": "alice", "factor": factor.id, "step": 99_000_000_001u64});
     report(&server, "node_a", vec![event(7, accepted)]).await;
     assert_eq!(listed_failures(&server, m, "alice").await, Some(0));
+
+    // Nor was the unknown user's failure kept: enrolled now, they have none.
+    server.active_factor(m, "nobody").await;
+    assert_eq!(
+        listed_failures(&server, m, "nobody").await,
+        Some(0),
+        "failures of unknown users are not recorded"
+    );
 }
 
 async fn an_accepted_code_moves_only_its_own_active_factor_forward() {

@@ -249,6 +249,42 @@ pub(super) fn whole_user_state(
     })
 }
 
+/// What a failure is merged into, in one statement: the user's whole state,
+/// a fresh state for a user with a factor but no state yet, or `None` for a
+/// user this tenant does not know (whose failures are not recorded). Every
+/// wrong code a node reports comes here.
+pub(super) fn failure_base(
+    conn: &mut Conn<'_, '_>,
+    tenant: &str,
+    user: &str,
+) -> Result<Option<UserStateRow>> {
+    conn.query_one(
+        "SELECT s.failures, s.locked, s.throttled_until, u.failures,
+                CASE WHEN s.failures IS NULL AND u.failures IS NULL THEN
+                    EXISTS (SELECT 1 FROM totp_factors WHERE tenant = ?1 AND user_id = ?2)
+                    OR EXISTS (SELECT 1 FROM backup_codes WHERE tenant = ?1 AND user_id = ?2)
+                END
+         FROM (SELECT 1) AS one
+         LEFT JOIN user_state s ON s.tenant = ?1 AND s.user_id = ?2
+         LEFT JOIN unpublished_failures u ON u.tenant = ?1 AND u.user_id = ?2",
+        args![tenant, user],
+        |r| {
+            let published = r.opt_int::<u32>(0)?;
+            let unpublished = r.opt_int::<u32>(3)?;
+            if published.is_none() && unpublished.is_none() {
+                let known: Option<bool> = r.get(4)?;
+                return Ok(known.unwrap_or(false).then(UserStateRow::default));
+            }
+            Ok(Some(UserStateRow {
+                failures: published.unwrap_or(0),
+                locked: r.get::<Option<bool>>(1)?.unwrap_or(false),
+                throttled_until: r.opt_int(2)?,
+                unpublished: unpublished.unwrap_or(0),
+            }))
+        },
+    )
+}
+
 /// Count failures merged but not published.
 pub(super) fn put_unpublished(
     conn: &mut Conn<'_, '_>,
