@@ -218,7 +218,7 @@ pub(super) fn backup_codes(
 
 /// The user's published state (`s`) and failures merged since (`u`), each
 /// row there or not: columns 0 to 3 are `s.failures, s.locked,
-/// s.throttled_until, u.failures`. One statement, where two lookups took two.
+/// s.throttled_until, u.failures`. One statement instead of two lookups.
 macro_rules! user_state_select {
     ($($extra:literal)?) => {
         concat!(
@@ -231,7 +231,7 @@ macro_rules! user_state_select {
     };
 }
 
-/// The state in columns 0 to 3 of [`user_state_select`], if either row is there.
+/// The state in columns 0 to 3 of `user_state_select!`, if either row is there.
 fn joined_user_state(r: &Row<'_, '_>) -> Result<Option<UserStateRow>> {
     let published = r.opt_int::<u32>(0)?;
     let unpublished = r.opt_int::<u32>(3)?;

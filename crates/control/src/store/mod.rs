@@ -972,9 +972,9 @@ fn connect(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.set_prepared_statement_cache_capacity(64);
-    // Plans never depend on bound values. Without this, SQLite may mark a
-    // cached statement to be compiled again whenever a parameter's value
-    // changes, and the failure merge's statement was: parsed anew per failure.
+    // Plans never depend on bound values. Without this, SQLite may flag a
+    // cached statement for compiling again whenever a parameter's value
+    // changes: the failure merge's statement was compiled on every step.
     conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // With WAL, NORMAL loses no committed transaction on a process crash; FULL
