@@ -216,68 +216,32 @@ pub(super) fn backup_codes(
     })
 }
 
-/// The user's published state (`s`) and failures merged since (`u`), each
-/// row there or not: columns 0 to 3 are `s.failures, s.locked,
-/// s.throttled_until, u.failures`. One statement instead of two lookups.
-macro_rules! user_state_select {
-    ($($extra:literal)?) => {
-        concat!(
-            "SELECT s.failures, s.locked, s.throttled_until, u.failures",
-            $($extra,)?
-            " FROM (SELECT 1) AS one
-             LEFT JOIN user_state s ON s.tenant = ?1 AND s.user_id = ?2
-             LEFT JOIN unpublished_failures u ON u.tenant = ?1 AND u.user_id = ?2"
-        )
-    };
-}
-
-/// The state in columns 0 to 3 of `user_state_select!`, if either row is there.
-fn joined_user_state(r: &Row<'_, '_>) -> Result<Option<UserStateRow>> {
-    let published = r.opt_int::<u32>(0)?;
-    let unpublished = r.opt_int::<u32>(3)?;
-    if published.is_none() && unpublished.is_none() {
-        return Ok(None);
-    }
-    Ok(Some(UserStateRow {
-        failures: published.unwrap_or(0),
-        locked: r.get::<Option<bool>>(1)?.unwrap_or(false),
-        throttled_until: r.opt_int(2)?,
-        unpublished: unpublished.unwrap_or(0),
-    }))
-}
-
-/// A user's state as published, with its failures merged since, if it has any.
+/// A user's state as published, with its failures merged since, if it has any:
+/// one statement, joining the published row and the merged failures, each
+/// there or not. Every failure and every accepted code a node reports reads it.
 pub(super) fn whole_user_state(
     conn: &mut Conn<'_, '_>,
     tenant: &str,
     user: &str,
 ) -> Result<Option<UserStateRow>> {
-    conn.query_one(user_state_select!(), args![tenant, user], joined_user_state)
-}
-
-/// What a failure is merged into, in one statement: the user's whole state,
-/// a fresh state for a user with a factor but no state yet, or `None` for a
-/// user this tenant does not know (whose failures are not recorded). Every
-/// wrong code a node reports comes here.
-pub(super) fn failure_base(
-    conn: &mut Conn<'_, '_>,
-    tenant: &str,
-    user: &str,
-) -> Result<Option<UserStateRow>> {
     conn.query_one(
-        user_state_select!(
-            ", CASE WHEN s.failures IS NULL AND u.failures IS NULL THEN
-                 EXISTS (SELECT 1 FROM totp_factors WHERE tenant = ?1 AND user_id = ?2)
-                 OR EXISTS (SELECT 1 FROM backup_codes WHERE tenant = ?1 AND user_id = ?2)
-             END"
-        ),
+        "SELECT s.failures, s.locked, s.throttled_until, u.failures
+         FROM (SELECT 1) AS one
+         LEFT JOIN user_state s ON s.tenant = ?1 AND s.user_id = ?2
+         LEFT JOIN unpublished_failures u ON u.tenant = ?1 AND u.user_id = ?2",
         args![tenant, user],
-        |r| match joined_user_state(r)? {
-            Some(state) => Ok(Some(state)),
-            None => {
-                let known: Option<bool> = r.get(4)?;
-                Ok(known.unwrap_or(false).then(UserStateRow::default))
+        |r| {
+            let published = r.opt_int::<u32>(0)?;
+            let unpublished = r.opt_int::<u32>(3)?;
+            if published.is_none() && unpublished.is_none() {
+                return Ok(None);
             }
+            Ok(Some(UserStateRow {
+                failures: published.unwrap_or(0),
+                locked: r.get::<Option<bool>>(1)?.unwrap_or(false),
+                throttled_until: r.opt_int(2)?,
+                unpublished: unpublished.unwrap_or(0),
+            }))
         },
     )
 }

@@ -974,7 +974,7 @@ fn connect(path: &Path) -> Result<Connection> {
     conn.set_prepared_statement_cache_capacity(64);
     // Plans never depend on bound values. Without this, SQLite may flag a
     // cached statement for compiling again whenever a parameter's value
-    // changes: the failure merge's statement was compiled on every step.
+    // changes: a join reading a user's state was, on every step (BENCHMARKS.md).
     conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // With WAL, NORMAL loses no committed transaction on a process crash; FULL
