@@ -7,6 +7,7 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use twofold_core::otp::{self, Skew, TotpParams, Verdict};
+use twofold_core::seal::{Binding, Keyring, MasterKey};
 use twofold_core::secret::Secret;
 
 fn verify(c: &mut Criterion) {
@@ -59,5 +60,28 @@ fn verify(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, verify);
+/// What the data plane does before every TOTP check: open the factor's sealed
+/// secret, bound to its tenant, user and factor.
+fn open_secret(c: &mut Criterion) {
+    let keyring = Keyring::new(MasterKey::generate().expect("a master key"));
+    let secret = Secret::from_base32("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ").expect("valid secret");
+    let binding = Binding {
+        tenant: "t_0123456789abcdef",
+        user: "u0001234",
+        factor: "f_0123456789abcdef",
+    };
+    let sealed = keyring.seal_secret(&secret, &binding).expect("sealed");
+    assert_eq!(
+        keyring
+            .open_secret(&sealed, &binding)
+            .expect("opened")
+            .expose(),
+        secret.expose()
+    );
+    c.bench_function("open_sealed_totp_secret", |b| {
+        b.iter(|| keyring.open_secret(black_box(&sealed), black_box(&binding)))
+    });
+}
+
+criterion_group!(benches, verify, open_secret);
 criterion_main!(benches);
