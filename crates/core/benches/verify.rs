@@ -81,6 +81,16 @@ fn open_secret(c: &mut Criterion) {
     c.bench_function("open_sealed_totp_secret", |b| {
         b.iter(|| keyring.open_secret(black_box(&sealed), black_box(&binding)))
     });
+    // And before that, the caller's API key is looked up by its keyed hash.
+    let key = keyring.hash_key();
+    c.bench_function("hash_api_key", |b| {
+        b.iter(|| {
+            key.hash(
+                black_box("api-key"),
+                black_box(b"tf_0123456789abcdef0123456789abcdef"),
+            )
+        })
+    });
 }
 
 criterion_group!(benches, verify, open_secret);

@@ -179,20 +179,28 @@ impl fmt::Display for KeyId {
 /// 60 bits and API keys at least 128 bits of entropy from the CSPRNG, so a
 /// stolen hash cannot be brute-forced, and without this key it cannot even be
 /// tried. A slow hash would only make every verification expensive.
-#[derive(Clone, Zeroize, ZeroizeOnDrop)]
-pub struct HashKey([u8; 32]);
+#[derive(Clone)]
+pub struct HashKey {
+    /// HMAC-SHA256 with the key's inner and outer pads already absorbed, so a
+    /// hash, which clones it, costs two compressions fewer: every verification
+    /// hashes its API key. Only these states are kept, not the key; they are
+    /// key material all the same, and zeroize themselves on drop.
+    keyed: Hmac<Sha256>,
+}
 
 impl HashKey {
     /// Derive the hash key of a master key. [`Keyring::new`] does this for its
     /// primary key.
     pub fn derive(master: &MasterKey) -> HashKey {
-        HashKey(*master.derive(HASH_INFO))
+        HashKey {
+            keyed: hmac_sha256(&master.derive(HASH_INFO)),
+        }
     }
 
     /// HMAC-SHA256 of `input` in `domain`. The domain is length-prefixed, so no
     /// (domain, input) pair can collide with another.
     pub fn hash(&self, domain: &str, input: &[u8]) -> [u8; 32] {
-        let mut mac = hmac_sha256(&self.0);
+        let mut mac = self.keyed.clone();
         mac.update(&(domain.len() as u64).to_be_bytes());
         mac.update(domain.as_bytes());
         mac.update(input);
@@ -681,7 +689,7 @@ mod tests {
             Keyring::new(master.clone()).with_retired(MasterKey::from_bytes(&[0x11; 32]).unwrap());
         let sealed = ring.seal(b"secret", &OWNER).unwrap();
         let hash_key = HashKey::derive(&master);
-        let hash_text = BASE64.encode(&hash_key.0);
+        let hash_text = BASE64.encode(master.derive(HASH_INFO).as_slice());
         let shown = format!(
             "{master:?} {master} {ring:?} {hash_key:?} {hash_key} {sealed:?} {:?}",
             ring.hash_key()
@@ -707,6 +715,21 @@ mod tests {
 
         let (_, other) = keyring();
         assert_ne!(hash, other.hash_key().hash("backup-code", b"k7q4m2xp9dvr"));
+    }
+
+    #[test]
+    fn hash_is_hmac_sha256_under_the_derived_key() {
+        // Stored API-key and backup-code hashes must stay valid across
+        // releases. Expected value computed independently, with Python's
+        // `hmac` and `hashlib`: HKDF-SHA256 of the master key (no salt, info
+        // "twofold/hash/v1"), then HMAC-SHA256 of the length-prefixed domain
+        // and the input.
+        let key = HashKey::derive(&MasterKey::from_bytes(&[7; 32]).unwrap());
+        let expected = "d2c20c8d992df7426c591e9129e515b5dfba2e32dff43e830770b7d192ab875e";
+        let hex = |h: [u8; 32]| h.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        assert_eq!(hex(key.hash("api-key", b"tf_example")), expected);
+        // The kept state is cloned, not used up: the next hash is the same.
+        assert_eq!(hex(key.hash("api-key", b"tf_example")), expected);
     }
 
     #[test]
