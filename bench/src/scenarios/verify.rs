@@ -291,7 +291,9 @@ impl Bench<'_> {
         let paths: Vec<Path> = dedup(args.paths.iter().map(|p| p.path()).collect());
         let mut rows = Vec::new();
         if let Some(r) = args.rate {
-            for &path in &paths {
+            // The ceiling at the same rate first: what the machine and the load
+            // generator add to the latency on their own.
+            for path in std::iter::once(Path::Ceiling).chain(paths.iter().copied()) {
                 let mode = Mode::Open {
                     rate: r,
                     connections: args.connections,
@@ -377,6 +379,9 @@ impl Bench<'_> {
                     connections: args.connections,
                 };
                 let label = format!("open {} req/s (half max)", rate(half));
+                // The ceiling at the same rate, side by side: the latency the
+                // machine and the load generator add without Twofold.
+                latency_rows.push(self.one(label.clone(), Path::Ceiling, mode, None).await?);
                 let row = self.one(label, path, mode, None).await?;
                 goals.push(format!(
                     "{} p99 at half of max throughput ({} req/s) {} (goal <= 2 ms): {}",
