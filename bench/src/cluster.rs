@@ -31,6 +31,8 @@ pub struct Options {
     pub work_dir: Option<PathBuf>,
     /// The control plane's `--database`; `None` for SQLite in its directory.
     pub database: Option<String>,
+    /// Run the control plane at `SCHED_IDLE` (`chrt --idle 0`).
+    pub control_idle: bool,
 }
 
 /// The credentials a scenario uses.
@@ -143,6 +145,7 @@ impl Cluster {
             .collect(),
             envs,
             cpus: self.control_cpus.clone(),
+            idle: self.options.control_idle,
             ready_prefix: "twofold control listening on http://".into(),
         };
         self.control = Some(Proc::start(&spec).await?);
@@ -228,6 +231,7 @@ impl Cluster {
             ],
             envs,
             cpus,
+            idle: false,
             ready_prefix: "twofold data listening on http://".into(),
         };
         Proc::start(&spec).await

@@ -123,6 +123,24 @@ pub fn affinity(pid: u32) -> String {
         .unwrap_or_else(|| "any".to_owned())
 }
 
+/// The scheduling policy of `pid` as `chrt -p` names it (`SCHED_OTHER`,
+/// `SCHED_IDLE`, ...), or `unknown`.
+pub fn policy(pid: u32) -> String {
+    Command::new("chrt")
+        .args(["-p", &pid.to_string()])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| {
+            let out = String::from_utf8_lossy(&o.stdout).into_owned();
+            out.lines()
+                .find(|l| l.contains("policy"))
+                .and_then(|l| l.rsplit_once(':'))
+                .map(|(_, p)| p.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
 /// Clock ticks per second of `/proc/<pid>/stat` times, asked once.
 fn clock_ticks() -> f64 {
     static TICKS: OnceLock<f64> = OnceLock::new();

@@ -114,6 +114,7 @@ fn main() -> anyhow::Result<()> {
             server_log: cli.global.server_log.clone(),
             work_dir: cli.global.work_dir.clone(),
             database: None,
+            control_idle: false,
         },
         client_threads,
     };

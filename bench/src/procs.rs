@@ -4,6 +4,7 @@
 //! or a panic never leaves one behind.
 
 use std::collections::VecDeque;
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -30,6 +31,9 @@ pub struct Spawn {
     pub envs: Vec<(String, String)>,
     /// A `taskset -c` core list, or none to let it float.
     pub cpus: Option<String>,
+    /// Run at `SCHED_IDLE` (`chrt --idle 0`): on a shared core, every other
+    /// process's wake-up preempts it at once.
+    pub idle: bool,
     /// The stdout line that precedes `ADDR`, e.g. `twofold data listening on http://`.
     pub ready_prefix: String,
 }
@@ -52,16 +56,18 @@ pub struct Proc {
 impl Proc {
     /// Start `spec` and wait until it prints its listening line.
     pub async fn start(spec: &Spawn) -> anyhow::Result<Proc> {
-        let mut command = match &spec.cpus {
-            Some(cpus) => {
-                // taskset execs the program, so the child's pid is the program's.
-                let mut c = Command::new("taskset");
-                c.arg("-c").arg(cpus).arg(&spec.exe);
-                c
-            }
-            None => Command::new(&spec.exe),
-        };
-        command.args(&spec.args);
+        // chrt and taskset exec what follows them, so the child's pid is the
+        // program's.
+        let mut line: Vec<OsString> = Vec::new();
+        if spec.idle {
+            line.extend(["chrt", "--idle", "0"].map(OsString::from));
+        }
+        if let Some(cpus) = &spec.cpus {
+            line.extend([OsString::from("taskset"), "-c".into(), cpus.into()]);
+        }
+        line.push(spec.exe.clone().into_os_string());
+        let mut command = Command::new(&line[0]);
+        command.args(&line[1..]).args(&spec.args);
         // Only what the bench sets: nothing from the caller's environment.
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("TWOFOLD_") {

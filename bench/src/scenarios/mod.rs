@@ -6,7 +6,7 @@ pub mod verify;
 pub mod writes;
 
 use crate::cluster;
-use crate::machine::{Pinning, affinity};
+use crate::machine::{Pinning, affinity, policy};
 
 /// What every scenario gets: the pinning and the options of the processes.
 #[derive(Debug)]
@@ -27,7 +27,13 @@ impl Env {
 pub fn print_processes(procs: &[(&str, u32)]) {
     let listed: Vec<String> = procs
         .iter()
-        .map(|(name, pid)| format!("{name} (pid {pid}) on core(s) {}", affinity(*pid)))
+        .map(|(name, pid)| {
+            let at = match policy(*pid).as_str() {
+                "SCHED_OTHER" => String::new(),
+                other => format!(" at {other}"),
+            };
+            format!("{name} (pid {pid}) on core(s) {}{at}", affinity(*pid))
+        })
         .collect();
     println!("processes: {}", listed.join("; "));
 }

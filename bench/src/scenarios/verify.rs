@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 
-use crate::cluster::Cluster;
+use crate::cluster::{self, Cluster};
 use crate::enrol;
 use crate::http;
 use crate::load::{self, Mode, Outcome, Path, Run, Target};
@@ -71,6 +71,12 @@ pub struct VerifyArgs {
     /// data plane's core (onto the load generator's) to see its share.
     #[arg(long)]
     control_cpus: Option<String>,
+    /// Run the control plane at `SCHED_IDLE` (`chrt --idle 0`), so that on a
+    /// shared core the data plane's wake-ups preempt its merges at once rather
+    /// than after its time slice. A deployment choice for a machine both planes
+    /// share; reported as its own split.
+    #[arg(long)]
+    control_idle: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -168,7 +174,11 @@ pub async fn run(env: &Env, args: &VerifyArgs) -> anyhow::Result<()> {
         (Some(cpus), Some(_)) => Some(cpus.clone()),
         (None, Some(server)) => Some(server.clone()),
     };
-    let mut cluster = Cluster::start(env.cluster_options(), control_cpus).await?;
+    let options = cluster::Options {
+        control_idle: args.control_idle,
+        ..env.cluster_options()
+    };
+    let mut cluster = Cluster::start(options, control_cpus).await?;
     let users = seed(&mut cluster, args).await?;
     let (data, _) = cluster.start_data(env.pinning.server.clone()).await?;
     let synced = cluster
@@ -186,6 +196,7 @@ pub async fn run(env: &Env, args: &VerifyArgs) -> anyhow::Result<()> {
         args: vec!["ceiling-server".into()],
         envs: Vec::new(),
         cpus: env.pinning.server.clone(),
+        idle: false,
         ready_prefix: ceiling::READY_PREFIX.into(),
     })
     .await?;
