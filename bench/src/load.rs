@@ -12,8 +12,8 @@
 //!   1 ms resolution, so the wait ends by yielding until the due instant
 //!   ([`pace_until`]): with the timer alone, every request due in the same
 //!   millisecond went out at once, a burst of `rate / 1000` requests queueing
-//!   in the server, which raised the bare endpoint's own p99 at 33k req/s to
-//!   1.3 ms.
+//!   in the server (the bare endpoint's p50 at 33k req/s: 0.23 ms that way,
+//!   0.03–0.04 ms paced).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
