@@ -49,6 +49,20 @@ impl Pinning {
         }
     }
 
+    /// Whether this process's cores are pinned and shared with none of
+    /// `others` (`taskset -c` lists): then it may spin without taking CPU
+    /// from what it measures.
+    pub fn client_alone(&self, others: &[Option<&str>]) -> bool {
+        let Some(client) = self.client.as_deref().and_then(cpu_list) else {
+            return false;
+        };
+        others.iter().all(|other| {
+            other
+                .and_then(cpu_list)
+                .is_some_and(|cores| cores.iter().all(|c| !client.contains(c)))
+        })
+    }
+
     fn off(note: &str) -> Pinning {
         Pinning {
             server: None,
@@ -121,6 +135,19 @@ pub fn affinity(pid: u32) -> String {
                 .map(|(_, list)| list.trim().to_owned())
         })
         .unwrap_or_else(|| "any".to_owned())
+}
+
+/// The cores of a `taskset -c` list such as `0`, `0,1` or `0-3,6`; `None` if
+/// it does not parse.
+fn cpu_list(list: &str) -> Option<Vec<usize>> {
+    let mut cores = Vec::new();
+    for part in list.split(',') {
+        match part.trim().split_once('-') {
+            Some((a, b)) => cores.extend(a.trim().parse::<usize>().ok()?..=b.trim().parse().ok()?),
+            None => cores.push(part.trim().parse().ok()?),
+        }
+    }
+    Some(cores)
 }
 
 /// The scheduling policy of `pid` as `chrt -p` names it (`SCHED_OTHER`,

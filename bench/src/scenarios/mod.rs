@@ -29,7 +29,7 @@ pub fn print_processes(procs: &[(&str, u32)]) {
         .iter()
         .map(|(name, pid)| {
             let at = match policy(*pid).as_str() {
-                "SCHED_OTHER" => String::new(),
+                "SCHED_OTHER" | "unknown" => String::new(),
                 other => format!(" at {other}"),
             };
             format!("{name} (pid {pid}) on core(s) {}{at}", affinity(*pid))

@@ -161,6 +161,8 @@ struct Bench<'a> {
     ceiling: Proc,
     twofold: Target,
     bare: Target,
+    /// Whether the open loop may spin to pace requests (see `load::Run`).
+    spin: bool,
 }
 
 pub async fn run(env: &Env, args: &VerifyArgs) -> anyhow::Result<()> {
@@ -178,7 +180,7 @@ pub async fn run(env: &Env, args: &VerifyArgs) -> anyhow::Result<()> {
         control_idle: args.control_idle,
         ..env.cluster_options()
     };
-    let mut cluster = Cluster::start(options, control_cpus).await?;
+    let mut cluster = Cluster::start(options, control_cpus.clone()).await?;
     let users = seed(&mut cluster, args).await?;
     let (data, _) = cluster.start_data(env.pinning.server.clone()).await?;
     let synced = cluster
@@ -221,6 +223,16 @@ pub async fn run(env: &Env, args: &VerifyArgs) -> anyhow::Result<()> {
         auth: http::bearer("ceiling")?,
         users,
     };
+    // The open loop paces by spinning only where that takes no CPU from the
+    // planes or the ceiling; elsewhere it sleeps on tokio's 1 ms timer.
+    let spin = env
+        .pinning
+        .client_alone(&[env.pinning.server.as_deref(), control_cpus.as_deref()]);
+    if !spin {
+        println!(
+            "open loop paced by tokio's 1 ms timer: the load generator shares a core with a server or is not pinned"
+        );
+    }
     let mut bench = Bench {
         args,
         cluster,
@@ -228,6 +240,7 @@ pub async fn run(env: &Env, args: &VerifyArgs) -> anyhow::Result<()> {
         ceiling,
         twofold,
         bare,
+        spin,
     };
     bench.measure().await
 }
@@ -302,17 +315,16 @@ impl Bench<'_> {
         let paths: Vec<Path> = dedup(args.paths.iter().map(|p| p.path()).collect());
         let mut rows = Vec::new();
         if let Some(r) = args.rate {
-            // The ceiling at the same rate first: what the machine and the load
-            // generator add to the latency on their own.
-            for path in std::iter::once(Path::Ceiling).chain(paths.iter().copied()) {
-                let mode = Mode::Open {
-                    rate: r,
-                    connections: args.connections,
-                };
-                rows.push(
-                    self.one(format!("{} req/s", rate(r)), path, mode, None)
-                        .await?,
-                );
+            let mode = Mode::Open {
+                rate: r,
+                connections: args.connections,
+            };
+            let label = format!("{} req/s", rate(r));
+            for &path in &paths {
+                // The ceiling at the same rate just before: what the machine and
+                // the load generator add to the latency on their own.
+                rows.push(self.one(label.clone(), Path::Ceiling, mode, None).await?);
+                rows.push(self.one(label.clone(), path, mode, None).await?);
             }
             print_table("open loop at a fixed rate", &rows);
             return self.print_ledger();
@@ -462,6 +474,7 @@ impl Bench<'_> {
             mode,
             warmup: self.args.warmup,
             duration: self.args.duration,
+            spin: self.spin,
         };
         let head = self.cluster.head().await?;
         let started = Instant::now();
