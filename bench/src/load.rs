@@ -248,28 +248,23 @@ async fn worker(shared: Arc<Shared>, mut conn: Conn, start: Instant) -> (Latency
                 if due >= shared.deadline {
                     break;
                 }
-                let now = Instant::now();
-                if due > now {
-                    if run.spin {
-                        pace_until(due).await;
-                    } else {
-                        tokio::time::sleep_until(due.into()).await;
-                    }
-                    let woke = Instant::now();
-                    // Woken this late (beyond the timer's own rounding up to
-                    // its next tick), the load generator's core was taken:
-                    // counted, as a request no connection was free for is.
-                    let slack = Duration::from_millis(if run.spin { 1 } else { 2 });
-                    if woke - due > slack && due >= shared.measure_from {
-                        late += 1;
-                    }
-                    woke
-                } else {
-                    if now - due > Duration::from_millis(1) && due >= shared.measure_from {
-                        late += 1;
-                    }
-                    due
+                // A connection free early waits for the due instant and counts
+                // from when it sends; one free late counts from the due instant.
+                let early = due > Instant::now();
+                if early && run.spin {
+                    pace_until(due).await;
+                } else if early {
+                    tokio::time::sleep_until(due.into()).await;
                 }
+                let now = Instant::now();
+                // Started this late (for the timer, beyond its own rounding up
+                // to its next tick), a request either found no connection free
+                // or the load generator's core was taken: counted either way.
+                let slack = Duration::from_millis(if early && !run.spin { 2 } else { 1 });
+                if now - due > slack && due >= shared.measure_from {
+                    late += 1;
+                }
+                if early { now } else { due }
             }
         };
         let Some((body, user)) = next_request(&shared.target, run.path) else {

@@ -269,6 +269,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn core_lists_parse_and_spinning_needs_cores_of_its_own() {
+        assert_eq!(cpu_list("0"), Some(vec![0]));
+        assert_eq!(cpu_list("0-3, 6"), Some(vec![0, 1, 2, 3, 6]));
+        assert_eq!(cpu_list("0,x"), None);
+        let pinned = |client: &str| Pinning {
+            server: Some("0".into()),
+            client: Some(client.into()),
+            note: None,
+        };
+        assert!(pinned("1").client_alone(&[Some("0"), Some("0")]));
+        assert!(!pinned("1").client_alone(&[Some("0"), Some("1")]));
+        assert!(!pinned("0-1").client_alone(&[Some("0")]));
+        // A process that floats may run anywhere.
+        assert!(!pinned("1").client_alone(&[Some("0"), None]));
+        assert!(!Pinning::off("no taskset").client_alone(&[Some("0")]));
+    }
+
+    #[test]
     fn stat_lines_with_odd_command_names_parse() {
         let stat = "1234 (tokio (rt) x) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 100 1000 10";
         assert_eq!(cpu_time_of(stat, 100.0), Some(Duration::from_secs(3)));
