@@ -726,7 +726,7 @@ mod tests {
         // and the input.
         let key = HashKey::derive(&MasterKey::from_bytes(&[7; 32]).unwrap());
         let expected = "d2c20c8d992df7426c591e9129e515b5dfba2e32dff43e830770b7d192ab875e";
-        let hex = |h: [u8; 32]| h.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let hex = |h: [u8; 32]| data_encoding::HEXLOWER.encode(&h);
         assert_eq!(hex(key.hash("api-key", b"tf_example")), expected);
         // The kept state is cloned, not used up: the next hash is the same.
         assert_eq!(hex(key.hash("api-key", b"tf_example")), expected);

@@ -22,8 +22,8 @@ const BATCH: usize = 1000;
 /// 25 ms batched a little more but made the changes, and the stall of applying
 /// each one, larger. 10 ms, on a core shared with the control plane, let each
 /// merge hold the core ~1 ms at a time, which set the p99 of accepted codes at
-/// one connection; 4 ms halves the merges, for about 0.4 µs more control-plane
-/// CPU per reported failure (BENCHMARKS.md, 2026-12-06).
+/// one connection; at 4 ms each merge is 2.5 times smaller, for about 0.4 µs
+/// more control-plane CPU per reported failure (BENCHMARKS.md, 2026-12-06).
 const INTERVAL: Duration = Duration::from_millis(4);
 /// Even without a wake-up, look at the outbox this often.
 const IDLE_POLL: Duration = Duration::from_secs(1);
