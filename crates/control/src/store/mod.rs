@@ -41,6 +41,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("activation.sql"),
     include_str!("log_head.sql"),
     include_str!("unpublished.sql"),
+    include_str!("without_rowid.sql"),
 ];
 
 /// How long a connection waits for another one's lock before giving up.
@@ -1079,4 +1080,79 @@ fn decode_hex(hex: &str) -> Result<Vec<u8>> {
     data_encoding::HEXLOWER
         .decode(hex.as_bytes())
         .map_err(|_| StoreError::Corrupt("hex".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether SQLite keeps `table` without rowids.
+    fn without_rowid(conn: &Connection, table: &str) -> bool {
+        conn.query_row(
+            "SELECT wr FROM pragma_table_list WHERE name = ?",
+            [table],
+            |r| r.get(0),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn version_6_keeps_user_states_and_unpublished_failures() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.db");
+        {
+            // A database as schema version 5 left it, holding runtime state.
+            let mut conn = connect(&path).unwrap();
+            let tx = conn.transaction().unwrap();
+            for migration in &MIGRATIONS[..5] {
+                tx.execute_batch(migration).unwrap();
+            }
+            tx.pragma_update(None, "user_version", 5).unwrap();
+            tx.execute_batch(
+                "INSERT INTO tenants (id, name, created_ms) VALUES ('tn_a', 'a', 0);
+                 INSERT INTO user_state VALUES ('tn_a', 'alice', 5, 0, 1700000030);
+                 INSERT INTO user_state VALUES ('tn_a', 'bob', 10, 1, NULL);
+                 INSERT INTO unpublished_failures VALUES ('tn_a', 'carol', 3);",
+            )
+            .unwrap();
+            tx.commit().unwrap();
+            assert!(!without_rowid(&conn, "user_state"));
+        }
+        drop(Store::open(&path).unwrap());
+        let conn = connect(&path).unwrap();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        assert!(without_rowid(&conn, "user_state"));
+        assert!(without_rowid(&conn, "unpublished_failures"));
+        let states: Vec<(String, i64, i64, Option<i64>)> = conn
+            .prepare("SELECT user_id, failures, locked, throttled_until FROM user_state ORDER BY user_id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(
+            states,
+            [
+                ("alice".to_owned(), 5, 0, Some(1_700_000_030)),
+                ("bob".to_owned(), 10, 1, None)
+            ]
+        );
+        let unpublished: (String, i64) = conn
+            .query_row(
+                "SELECT user_id, failures FROM unpublished_failures",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(unpublished, ("carol".to_owned(), 3));
+        // The tenant reference still holds.
+        let orphan = conn.execute(
+            "INSERT INTO user_state VALUES ('tn_missing', 'dave', 1, 0, NULL)",
+            [],
+        );
+        assert!(orphan.is_err());
+    }
 }
