@@ -418,10 +418,16 @@ async fn bad_bodies_are_refused_in_the_error_format() {
             .await;
             assert_error(&got, StatusCode::BAD_REQUEST, "invalid_json");
         }
-        // A field of the wrong type.
+        // A field of the wrong type: the message says where.
         let got = send(post(path, token).json(&json!({"name": 42, "scopes": "manage"}))).await;
-        assert!(got.0.is_client_error(), "{}", got.0);
-        assert_error_shape(&got.1);
+        assert_error(&got, StatusCode::BAD_REQUEST, "invalid_json");
+        assert!(
+            got.1["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("name: invalid type")),
+            "{}",
+            got.1
+        );
         // Over the 64 KiB limit.
         let big = json!({ "name": "x".repeat(64 * 1024) });
         let got = send(post(path, token).json(&big)).await;
@@ -461,6 +467,19 @@ async fn bad_bodies_are_refused_in_the_error_format() {
     // Nothing was created by any of it.
     let (_, list) = s.get("/v1/tenants", OPERATOR).await;
     assert_eq!(list["tenants"].as_array().expect("tenants").len(), 1);
+    // JSON with parameters, or as a `+json` type, is JSON.
+    for content_type in [
+        "application/json; charset=utf-8",
+        "application/vnd.api+json",
+    ] {
+        let got = send(
+            post("/v1/tenants", OPERATOR)
+                .header("content-type", content_type)
+                .body(r#"{"name":"typed"}"#),
+        )
+        .await;
+        assert_eq!(got.0, StatusCode::CREATED, "{content_type}: {}", got.1);
+    }
 }
 
 // ----- keys -----
