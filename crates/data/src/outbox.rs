@@ -12,6 +12,10 @@
 //! second way, so a flood of wrong codes costs one wake-up and one transaction
 //! per [`LINGER`], not one per attempt.
 //!
+//! Each commit stores its events as one row (`batches`), so a commit costs one
+//! insert however many failed codes it carries; a row goes once every event in
+//! it is covered by the replica.
+//!
 //! The writer keeps the committed events not yet acknowledged in memory (up to
 //! [`MAX_QUEUED`]), so the reporter reads them without a query; acknowledgements
 //! are rows of their own (`acks`), one per report rather than one update per
@@ -150,9 +154,17 @@ fn connect(dir: &Path) -> Result<Connection> {
     let mut conn = Connection::open(dir.join(FILE))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
+    // A batch holds the events of one commit, `[[id, event], ...]`. Ids are
+    // handed out before events are recorded, so batches may interleave: every
+    // id of a batch lies between its `first` and `last`, no more.
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
-         CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY, body TEXT NOT NULL) STRICT;
+         CREATE TABLE IF NOT EXISTS batches (
+             first INTEGER PRIMARY KEY,
+             last INTEGER NOT NULL,
+             body TEXT NOT NULL
+         ) STRICT;
+         CREATE INDEX IF NOT EXISTS batches_by_last ON batches (last);
          CREATE TABLE IF NOT EXISTS acks (
              through INTEGER PRIMARY KEY,
              seq INTEGER NOT NULL,
@@ -160,6 +172,7 @@ fn connect(dir: &Path) -> Result<Connection> {
          ) STRICT;",
     )?;
     migrate_acked_column(&mut conn)?;
+    migrate_event_rows(&mut conn)?;
     let has_counted_from: bool = conn.query_row(
         "SELECT count(*) > 0 FROM pragma_table_info('acks') WHERE name = 'counted_from'",
         [],
@@ -191,6 +204,60 @@ fn migrate_acked_column(conn: &mut Connection) -> Result<()> {
     )?;
     tx.commit()?;
     Ok(())
+}
+
+/// Outboxes written before `batches` kept one row per event (`outbox`): move
+/// those into batches of [`MIGRATED_BATCH`] and drop the table.
+fn migrate_event_rows(conn: &mut Connection) -> Result<()> {
+    let has_table: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM sqlite_schema WHERE type = 'table' AND name = 'outbox'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_table {
+        return Ok(());
+    }
+    let tx = conn.transaction()?;
+    let mut events = Vec::new();
+    {
+        let mut stmt = tx.prepare("SELECT id, body FROM outbox ORDER BY id")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let id = row.get::<_, i64>(0)? as u64;
+            let body: String = row.get(1)?;
+            let event: UsageEvent =
+                serde_json::from_str(&body).map_err(|_| OutboxError::Corrupt(id))?;
+            events.push((id, event));
+        }
+    }
+    for chunk in events.chunks(MIGRATED_BATCH) {
+        insert_batch(&tx, chunk)?;
+    }
+    tx.execute_batch("DROP TABLE outbox")?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Events per batch when rows of the per-event layout are moved.
+const MIGRATED_BATCH: usize = 1000;
+
+/// Store `events` (not empty) as one batch.
+fn insert_batch(conn: &Connection, events: &[(u64, UsageEvent)]) -> Result<()> {
+    let (Some(first), Some(last)) = (
+        events.iter().map(|(id, _)| *id).min(),
+        events.iter().map(|(id, _)| *id).max(),
+    ) else {
+        return Ok(());
+    };
+    let body = serde_json::to_string(events).map_err(|_| OutboxError::Corrupt(first))?;
+    conn.prepare_cached("INSERT INTO batches (first, last, body) VALUES (?, ?, ?)")?
+        .execute(params![first as i64, last as i64, body])?;
+    Ok(())
+}
+
+/// The events of a stored batch; `first` names it in errors.
+fn decode_batch(first: u64, body: &str) -> Result<Events> {
+    serde_json::from_str(body).map_err(|_| OutboxError::Corrupt(first))
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -232,35 +299,46 @@ impl Outbox {
             })?
             .collect::<rusqlite::Result<_>>()?
         };
-        let mut stored = Vec::new();
+        // The highest id pruned: a batch stays until all of its events are, so
+        // it may still hold some at or below this.
+        let pruned: u64 = conn
+            .query_row("SELECT value FROM meta WHERE key = 'max_id'", [], |r| {
+                r.get::<_, String>(0)
+            })
+            .optional()?
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let mut events = Vec::new();
         {
-            let mut stmt = conn.prepare("SELECT id, body FROM outbox ORDER BY id")?;
+            let mut stmt = conn.prepare("SELECT first, body FROM batches")?;
             let mut rows = stmt.query([])?;
-            // An event's acknowledgement is the first one whose `through` reaches it.
-            let mut next_ack = acks.iter().peekable();
             while let Some(row) = rows.next()? {
-                let id = row.get::<_, i64>(0)? as u64;
+                let first = row.get::<_, i64>(0)? as u64;
                 let body: String = row.get(1)?;
-                let event: UsageEvent =
-                    serde_json::from_str(&body).map_err(|_| OutboxError::Corrupt(id))?;
+                events.extend(
+                    decode_batch(first, &body)?
+                        .into_iter()
+                        .filter(|(id, _)| *id > pruned),
+                );
+            }
+        }
+        events.sort_unstable_by_key(|(id, _)| *id);
+        // An event's acknowledgement is the first one whose `through` reaches it.
+        let mut next_ack = acks.iter().peekable();
+        let stored: Vec<Stored> = events
+            .into_iter()
+            .map(|(id, event)| {
                 while next_ack.next_if(|(through, ..)| *through < id).is_some() {}
-                stored.push(Stored {
+                Stored {
                     event: NumberedEvent { id, event },
                     acked_seq: next_ack.peek().map(|(_, seq, _)| *seq),
                     counted_from: next_ack.peek().and_then(|(.., counted)| *counted),
-                });
-            }
-        }
-        let max_id: Option<i64> = conn.query_row("SELECT max(id) FROM outbox", [], |r| r.get(0))?;
-        let seen: Option<String> = conn
-            .query_row("SELECT value FROM meta WHERE key = 'max_id'", [], |r| {
-                r.get(0)
+                }
             })
-            .optional()?;
-        let next_id = max_id
-            .map_or(0, |m| m as u64)
-            .max(seen.and_then(|s| s.parse().ok()).unwrap_or(0))
-            + 1;
+            .collect();
+        let max_id: Option<i64> =
+            conn.query_row("SELECT max(last) FROM batches", [], |r| r.get(0))?;
+        let next_id = max_id.map_or(0, |m| m as u64).max(pruned) + 1;
         let unsent: BTreeMap<u64, UsageEvent> = stored
             .iter()
             .filter(|s| s.acked_seq.is_none())
@@ -503,13 +581,7 @@ impl Writer {
 
     fn commit(&mut self, events: Events) -> Result<()> {
         let tx = self.conn.transaction()?;
-        {
-            let mut insert = tx.prepare_cached("INSERT INTO outbox (id, body) VALUES (?, ?)")?;
-            for (id, event) in &events {
-                let body = serde_json::to_string(event).map_err(|_| OutboxError::Corrupt(*id))?;
-                insert.execute(params![*id as i64, body])?;
-            }
-        }
+        insert_batch(&tx, &events)?;
         tx.commit()?;
         let count = events.len();
         self.committed += count as u64;
@@ -535,18 +607,51 @@ impl Writer {
                 .collect());
         }
         let mut stmt = self.conn.prepare_cached(
-            "SELECT id, body FROM outbox WHERE id > ? AND id < ? ORDER BY id LIMIT ?",
+            "SELECT first, body FROM batches WHERE last > ? AND first < ? ORDER BY first",
         )?;
-        let below = i64::try_from(below).unwrap_or(i64::MAX);
-        let mut rows = stmt.query(params![self.acked_through as i64, below, limit as i64])?;
-        let mut events = Vec::new();
+        let below_sql = i64::try_from(below).unwrap_or(i64::MAX);
+        let mut rows = stmt.query(params![self.acked_through as i64, below_sql])?;
+        let mut events: Vec<NumberedEvent> = Vec::new();
         while let Some(row) = rows.next()? {
-            let id = row.get::<_, i64>(0)? as u64;
+            let first = row.get::<_, i64>(0)? as u64;
+            if events.len() >= limit {
+                // Holding the `limit` lowest ids read so far, all below this
+                // batch's first: no later batch has a lower one.
+                events.sort_unstable_by_key(|e| e.id);
+                events.truncate(limit);
+                if events.last().is_some_and(|e| e.id < first) {
+                    break;
+                }
+            }
             let body: String = row.get(1)?;
-            let event = serde_json::from_str(&body).map_err(|_| OutboxError::Corrupt(id))?;
-            events.push(NumberedEvent { id, event });
+            events.extend(
+                decode_batch(first, &body)?
+                    .into_iter()
+                    .filter(|(id, _)| *id > self.acked_through && *id < below)
+                    .map(|(id, event)| NumberedEvent { id, event }),
+            );
         }
+        events.sort_unstable_by_key(|e| e.id);
+        events.truncate(limit);
         Ok(events)
+    }
+
+    /// Committed events with ids in `(after, through]`, counted from the file.
+    fn count_stored(&self, after: u64, through: u64) -> Result<u64> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT first, body FROM batches WHERE last > ? AND first <= ?")?;
+        let mut rows = stmt.query(params![after as i64, through as i64])?;
+        let mut count = 0;
+        while let Some(row) = rows.next()? {
+            let first = row.get::<_, i64>(0)? as u64;
+            let body: String = row.get(1)?;
+            count += decode_batch(first, &body)?
+                .iter()
+                .filter(|(id, _)| *id > after && *id <= through)
+                .count() as u64;
+        }
+        Ok(count)
     }
 
     fn ack(&mut self, through: u64, seq: u64, counted_from: u64) -> Result<()> {
@@ -560,11 +665,7 @@ impl Writer {
             let left = self.queue.split_off(&through.saturating_add(1));
             std::mem::replace(&mut self.queue, left).len() as u64
         } else {
-            self.conn
-                .prepare_cached("SELECT count(*) FROM outbox WHERE id > ? AND id <= ?")?
-                .query_row(params![self.acked_through as i64, through as i64], |r| {
-                    r.get::<_, i64>(0)
-                })? as u64
+            self.count_stored(self.acked_through, through)?
         };
         self.acked_through = through;
         self.shared.uncount(newly);
@@ -577,16 +678,18 @@ impl Writer {
 
     fn prune(&mut self, through: u64) -> Result<()> {
         let tx = self.conn.transaction()?;
-        // Remember the highest id pruned, so ids keep growing after a restart
-        // that finds the outbox empty. Kept here rather than in every commit:
-        // an accepted code waits for its commit, and this is a page less.
+        // Remember the highest id pruned: ids keep growing after a restart that
+        // finds the outbox empty, and a batch that outlives this prune (some of
+        // its events are newer) has its older events skipped at open. Kept here
+        // rather than in every commit: an accepted code waits for its commit,
+        // and this is a page less.
         tx.prepare_cached(
             "INSERT INTO meta (key, value) VALUES ('max_id', ?1)
              ON CONFLICT (key) DO UPDATE
              SET value = max(CAST(value AS INTEGER), CAST(?1 AS INTEGER))",
         )?
         .execute([through.to_string()])?;
-        tx.prepare_cached("DELETE FROM outbox WHERE id <= ?")?
+        tx.prepare_cached("DELETE FROM batches WHERE last <= ?")?
             .execute([through as i64])?;
         tx.prepare_cached("DELETE FROM acks WHERE through <= ?")?
             .execute([through as i64])?;
@@ -761,6 +864,79 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn batches_that_interleave_give_events_in_id_order() {
+        let dir = tempfile::tempdir().unwrap();
+        // No memory queue: unsent events come from the file.
+        let opened = Outbox::open_with(dir.path(), 0).unwrap();
+        let outbox = &opened.outbox;
+        // Ids are handed out before events are recorded: 1 and 4 commit after 2, 3
+        // and 5.
+        outbox
+            .submit(vec![(2, failure(2)), (5, failure(5)), (3, failure(3))])
+            .unwrap()
+            .await
+            .unwrap();
+        outbox
+            .submit(vec![(4, failure(4)), (1, failure(1))])
+            .unwrap()
+            .await
+            .unwrap();
+        outbox.submit(vec![(6, failure(6))]).unwrap().await.unwrap();
+        assert_eq!(numbered(&outbox.unsent(2, u64::MAX).await.unwrap()), [1, 2]);
+        assert_eq!(numbered(&outbox.unsent(4, 5).await.unwrap()), [1, 2, 3, 4]);
+        outbox.ack(2, 9, 9);
+        assert_eq!(
+            numbered(&outbox.unsent(3, u64::MAX).await.unwrap()),
+            [3, 4, 5]
+        );
+        assert_eq!(outbox.unacked(), 4, "counted from the file");
+        drop(opened);
+        let opened = Outbox::open(dir.path()).unwrap();
+        assert_eq!(
+            acked(&opened),
+            [
+                (1, Some(9)),
+                (2, Some(9)),
+                (3, None),
+                (4, None),
+                (5, None),
+                (6, None)
+            ]
+        );
+        assert_eq!(opened.next_id, 7);
+    }
+
+    #[tokio::test]
+    async fn a_batch_pruned_in_part_keeps_only_its_newer_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let opened = Outbox::open(dir.path()).unwrap();
+        let events = vec![(1, failure(1)), (2, failure(2)), (3, failure(3))];
+        opened.outbox.submit(events).unwrap().await.unwrap();
+        opened.outbox.ack(2, 7, 7);
+        opened.outbox.prune(2); // the change of seq 7 is applied
+        opened.outbox.unsent(1, 0).await.unwrap(); // the writer is done with the prune
+        drop(opened);
+        let opened = Outbox::open(dir.path()).unwrap();
+        assert_eq!(acked(&opened), [(3, None)]);
+        assert_eq!(
+            numbered(&opened.outbox.unsent(10, u64::MAX).await.unwrap()),
+            [3]
+        );
+        opened.outbox.ack(3, 8, 8);
+        opened.outbox.prune(3);
+        opened.outbox.unsent(1, 0).await.unwrap();
+        let count: i64 = Connection::open(dir.path().join(FILE))
+            .unwrap()
+            .query_row("SELECT count(*) FROM batches", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(count, 0, "the batch goes once all of it is pruned");
+        drop(opened);
+        let opened = Outbox::open(dir.path()).unwrap();
+        assert!(opened.stored.is_empty());
+        assert_eq!(opened.next_id, 4);
+    }
+
+    #[tokio::test]
     async fn a_stale_acknowledgement_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         // No memory queue: unsent events come from the file, past acks count.
@@ -803,6 +979,15 @@ mod tests {
             }
         }
         let opened = Outbox::open(dir.path()).unwrap();
+        let old_table: i64 = Connection::open(dir.path().join(FILE))
+            .unwrap()
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE name = 'outbox'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(old_table, 0, "the per-event rows moved into batches");
         assert_eq!(opened.node_id, "node_old");
         assert_eq!(
             acked(&opened),
