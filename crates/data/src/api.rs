@@ -9,8 +9,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -134,12 +133,13 @@ fn now_secs() -> u64 {
 }
 
 /// `POST /v1/verify`.
-async fn verify(
-    State(node): State<Arc<Node>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+async fn verify(State(node): State<Arc<Node>>, request: Request) -> Response {
     let started = Instant::now();
+    // The headers are taken out rather than extracted, which would copy them.
+    let (mut parts, body) = request.into_parts();
+    let headers = std::mem::take(&mut parts.headers);
+    // The request's extensions carry the body limit.
+    let body = Bytes::from_request(Request::from_parts(parts, body), &()).await;
     let result = match body {
         Ok(body) => verify_inner(&node, &headers, &body).await,
         Err(rejection) => Err(ApiError::new(
