@@ -241,7 +241,7 @@ fn migrate_event_rows(conn: &mut Connection) -> Result<()> {
 /// Events per batch when rows of the per-event layout are moved.
 const MIGRATED_BATCH: usize = 1000;
 
-/// Store `events` (not empty) as one batch.
+/// Store `events` as one batch; no row if there are none.
 fn insert_batch(conn: &Connection, events: &[(u64, UsageEvent)]) -> Result<()> {
     let (Some(first), Some(last)) = (
         events.iter().map(|(id, _)| *id).min(),
