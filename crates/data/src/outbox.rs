@@ -19,7 +19,10 @@
 //! The writer keeps the committed events not yet acknowledged in memory (up to
 //! [`MAX_QUEUED`]), so the reporter reads them without a query; acknowledgements
 //! are rows of their own (`acks`), one per report rather than one update per
-//! event.
+//! event. Acknowledgements and prunes wait, like failures, for the next commit
+//! (at most [`LINGER`]), so under load one transaction per report carries them
+//! all. Losing one in a crash is losing a report's answer: the events are sent
+//! again, and the control plane's answer says they were merged before.
 //!
 //! The writer never checkpoints the WAL itself: an accepted code waits for its
 //! commit, and a commit that ran SQLite's automatic checkpoint (copying the WAL
@@ -97,6 +100,13 @@ enum Command {
     Prune {
         through: u64,
     },
+}
+
+impl Command {
+    /// Whether a caller waits for this command: it ends the writer's linger.
+    fn is_urgent(&self) -> bool {
+        matches!(self, Command::Submit(..) | Command::Unsent(..))
+    }
 }
 
 impl std::fmt::Debug for Command {
@@ -489,20 +499,20 @@ fn run(mut writer: Writer, rx: &mpsc::Receiver<Command>) {
     let shared = writer.shared.clone();
     let _alive = Alive(&shared.alive);
     while let Ok(first) = rx.recv() {
-        let mut commands = Vec::new();
-        if matches!(first, Command::Flush) {
-            // Let the attempts of the next few milliseconds join this commit;
-            // anything but another flush ends the wait.
+        let mut commands = vec![first];
+        if !commands[0].is_urgent() {
+            // Let the attempts, acknowledgements and prunes of the next few
+            // milliseconds join this commit; a command someone waits for ends
+            // the wait.
             let until = Instant::now() + LINGER;
             while let Ok(cmd) = rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
-                let flush = matches!(cmd, Command::Flush);
+                let urgent = cmd.is_urgent();
                 commands.push(cmd);
-                if !flush {
+                if urgent {
                     break;
                 }
             }
         }
-        commands.insert(0, first);
         commands.extend(rx.try_iter());
         writer.handle(commands);
     }
@@ -528,10 +538,14 @@ struct Writer {
 }
 
 impl Writer {
+    /// Carry out `commands` with one transaction: the events recorded or
+    /// submitted, then the acknowledgements and prunes, then the reads.
     fn handle(&mut self, commands: Vec<Command>) {
         let mut events = std::mem::take(&mut *lock(&self.shared.recorded));
         let mut replies = Vec::new();
-        let mut others = Vec::new();
+        let mut acks = Vec::new();
+        let mut prunes = None;
+        let mut reads = Vec::new();
         for cmd in commands {
             match cmd {
                 Command::Submit(submitted, reply) => {
@@ -539,50 +553,92 @@ impl Writer {
                     replies.push(reply);
                 }
                 Command::Flush => {}
-                other => others.push(other),
-            }
-        }
-        let count = events.len();
-        let result = if events.is_empty() {
-            Ok(())
-        } else {
-            self.commit(events)
-        };
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "cannot write usage events to the outbox");
-            // Lost, so never acknowledged: no longer waiting for it.
-            self.shared.uncount(count as u64);
-        }
-        for reply in replies {
-            let _ = reply.send(match &result {
-                Ok(()) => Ok(()),
-                Err(e) => Err(OutboxError::Other(e.to_string())),
-            });
-        }
-        for cmd in others {
-            let result = match cmd {
-                Command::Unsent(limit, below, reply) => {
-                    let _ = reply.send(self.unsent(limit, below));
-                    Ok(())
-                }
                 Command::Ack {
                     through,
                     seq,
                     counted_from,
-                } => self.ack(through, seq, counted_from),
-                Command::Prune { through } => self.prune(through),
-                Command::Submit(..) | Command::Flush => Ok(()),
-            };
-            if let Err(e) = result {
-                tracing::error!(error = %e, "outbox command failed");
+                } => acks.push((through, seq, counted_from)),
+                Command::Prune { through } => prunes = prunes.max(Some(through)),
+                Command::Unsent(limit, below, reply) => reads.push((limit, below, reply)),
             }
+        }
+        // Acknowledgements only grow; one older than an earlier one (a retried
+        // report's answer) changes nothing.
+        let mut highest = self.acked_through;
+        acks.retain(|&(through, ..)| {
+            let newer = through > highest;
+            highest = highest.max(through);
+            newer
+        });
+        let count = events.len();
+        let written = if events.is_empty() && acks.is_empty() && prunes.is_none() {
+            Ok(())
+        } else {
+            self.write(&events, &acks, prunes)
+        };
+        match &written {
+            Ok(()) => {
+                self.committed(events);
+                for &(through, ..) in &acks {
+                    if let Err(e) = self.acked(through) {
+                        tracing::error!(error = %e, "cannot count acknowledged usage events");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot write usage events to the outbox");
+                // Lost, so never acknowledged: no longer waiting for them. The
+                // acknowledgements and prunes come again with the next report.
+                self.shared.uncount(count as u64);
+            }
+        }
+        for reply in replies {
+            let _ = reply.send(match &written {
+                Ok(()) => Ok(()),
+                Err(e) => Err(OutboxError::Other(e.to_string())),
+            });
+        }
+        for (limit, below, reply) in reads {
+            let _ = reply.send(self.unsent(limit, below));
         }
     }
 
-    fn commit(&mut self, events: Events) -> Result<()> {
+    /// Write events, acknowledgements and a prune in one transaction.
+    fn write(
+        &mut self,
+        events: &[(u64, UsageEvent)],
+        acks: &[(u64, u64, u64)],
+        prune: Option<u64>,
+    ) -> Result<()> {
         let tx = self.conn.transaction()?;
-        insert_batch(&tx, &events)?;
+        insert_batch(&tx, events)?;
+        for &(through, seq, counted_from) in acks {
+            tx.prepare_cached("INSERT INTO acks (through, seq, counted_from) VALUES (?, ?, ?)")?
+                .execute(params![through as i64, seq as i64, counted_from as i64])?;
+        }
+        if let Some(through) = prune {
+            // Remember the highest id pruned: ids keep growing after a restart
+            // that finds the outbox empty, and a batch that outlives this prune
+            // (some of its events are newer) has its older events skipped at
+            // open. Kept here rather than with every batch: an accepted code
+            // waits for its commit, and this is a page less.
+            tx.prepare_cached(
+                "INSERT INTO meta (key, value) VALUES ('max_id', ?1)
+                 ON CONFLICT (key) DO UPDATE
+                 SET value = max(CAST(value AS INTEGER), CAST(?1 AS INTEGER))",
+            )?
+            .execute([through.to_string()])?;
+            tx.prepare_cached("DELETE FROM batches WHERE last <= ?")?
+                .execute([through as i64])?;
+            tx.prepare_cached("DELETE FROM acks WHERE through <= ?")?
+                .execute([through as i64])?;
+        }
         tx.commit()?;
+        Ok(())
+    }
+
+    /// Keep committed events for the reporter.
+    fn committed(&mut self, events: Events) {
         let count = events.len();
         self.committed += count as u64;
         if self.complete && self.queue.len() + count <= self.max_queued {
@@ -591,7 +647,6 @@ impl Writer {
             self.queue.clear();
             self.complete = false;
         }
-        Ok(())
     }
 
     fn unsent(&self, limit: usize, below: u64) -> Result<Vec<NumberedEvent>> {
@@ -654,13 +709,11 @@ impl Writer {
         Ok(count)
     }
 
-    fn ack(&mut self, through: u64, seq: u64, counted_from: u64) -> Result<()> {
+    /// Events up to `through` are acknowledged, as written: no longer waited for.
+    fn acked(&mut self, through: u64) -> Result<()> {
         if through <= self.acked_through {
             return Ok(());
         }
-        self.conn
-            .prepare_cached("INSERT INTO acks (through, seq, counted_from) VALUES (?, ?, ?)")?
-            .execute(params![through as i64, seq as i64, counted_from as i64])?;
         let newly = if self.complete {
             let left = self.queue.split_off(&through.saturating_add(1));
             std::mem::replace(&mut self.queue, left).len() as u64
@@ -673,27 +726,6 @@ impl Writer {
         if !self.complete && self.committed == 0 {
             self.complete = true;
         }
-        Ok(())
-    }
-
-    fn prune(&mut self, through: u64) -> Result<()> {
-        let tx = self.conn.transaction()?;
-        // Remember the highest id pruned: ids keep growing after a restart that
-        // finds the outbox empty, and a batch that outlives this prune (some of
-        // its events are newer) has its older events skipped at open. Kept here
-        // rather than in every commit: an accepted code waits for its commit,
-        // and this is a page less.
-        tx.prepare_cached(
-            "INSERT INTO meta (key, value) VALUES ('max_id', ?1)
-             ON CONFLICT (key) DO UPDATE
-             SET value = max(CAST(value AS INTEGER), CAST(?1 AS INTEGER))",
-        )?
-        .execute([through.to_string()])?;
-        tx.prepare_cached("DELETE FROM batches WHERE last <= ?")?
-            .execute([through as i64])?;
-        tx.prepare_cached("DELETE FROM acks WHERE through <= ?")?
-            .execute([through as i64])?;
-        tx.commit()?;
         Ok(())
     }
 }
@@ -934,6 +966,29 @@ mod tests {
         let opened = Outbox::open(dir.path()).unwrap();
         assert!(opened.stored.is_empty());
         assert_eq!(opened.next_id, 4);
+    }
+
+    #[tokio::test]
+    async fn acknowledgements_and_prunes_are_written_without_a_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let opened = Outbox::open(dir.path()).unwrap();
+        let outbox = &opened.outbox;
+        let events = vec![(1, failure(1)), (2, failure(2)), (3, failure(3))];
+        outbox.submit(events).unwrap().await.unwrap();
+        outbox.ack(2, 9, 9);
+        outbox.prune(1);
+        // Nothing waits for them: the linger alone writes them.
+        let deadline = Instant::now() + LINGER * 200;
+        while outbox.unacked() != 1 && Instant::now() < deadline {
+            std::thread::sleep(LINGER);
+        }
+        assert_eq!(outbox.unacked(), 1, "events 1 and 2 are acknowledged");
+        std::thread::sleep(LINGER * 4);
+        drop(opened);
+        let opened = Outbox::open(dir.path()).unwrap();
+        // Event 1 is pruned; its batch stays for the others.
+        assert_eq!(acked(&opened), [(2, Some(9)), (3, None)]);
+        assert_eq!(opened.outbox.unacked(), 1);
     }
 
     #[tokio::test]
