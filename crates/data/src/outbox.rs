@@ -44,8 +44,9 @@ use twofold_core::feed::{NumberedEvent, UsageEvent};
 const FILE: &str = "local.db";
 
 /// How long the writer, woken by the first recorded (not submitted) event of a
-/// batch, waits for more to join its commit. A crash forgets the batch being
-/// gathered; a graceful shutdown commits it ([`Outbox::flush`]).
+/// batch, or by an acknowledgement or a prune, waits for more to join its
+/// commit. A crash forgets what is being gathered; a graceful shutdown commits
+/// it ([`Outbox::flush`]).
 pub const LINGER: Duration = Duration::from_millis(5);
 
 /// How often the checkpoint thread copies the WAL into the database.
@@ -366,6 +367,7 @@ impl Outbox {
             committed: unsent.len() as u64,
             shared: shared.clone(),
             acked_through: acks.last().map_or(0, |(through, ..)| *through),
+            unwritten_prune: None,
             queue: if complete { unsent } else { BTreeMap::new() },
             complete,
         };
@@ -535,6 +537,9 @@ struct Writer {
     committed: u64,
     /// The highest event id acknowledged.
     acked_through: u64,
+    /// A prune whose write failed, tried again with the next one: the node
+    /// sends a prune only when it covers more.
+    unwritten_prune: Option<u64>,
 }
 
 impl Writer {
@@ -544,7 +549,7 @@ impl Writer {
         let mut events = std::mem::take(&mut *lock(&self.shared.recorded));
         let mut replies = Vec::new();
         let mut acks = Vec::new();
-        let mut prunes = None;
+        let mut prunes = self.unwritten_prune.take();
         let mut reads = Vec::new();
         for cmd in commands {
             match cmd {
@@ -574,7 +579,21 @@ impl Writer {
         let written = if events.is_empty() && acks.is_empty() && prunes.is_none() {
             Ok(())
         } else {
-            self.write(&events, &acks, prunes)
+            match self.write(&events, &acks, prunes) {
+                // What failed may be an acknowledgement or the prune: write the
+                // events on their own, so accepted codes never wait on those.
+                Err(e) if !events.is_empty() && (!acks.is_empty() || prunes.is_some()) => {
+                    tracing::error!(error = %e, "cannot write usage acknowledgements; retrying the events alone");
+                    acks.clear();
+                    self.unwritten_prune = prunes;
+                    self.write(&events, &[], None)
+                }
+                Err(e) => {
+                    self.unwritten_prune = prunes;
+                    Err(e)
+                }
+                Ok(()) => Ok(()),
+            }
         };
         match &written {
             Ok(()) => {
@@ -587,8 +606,9 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot write usage events to the outbox");
-                // Lost, so never acknowledged: no longer waiting for them. The
-                // acknowledgements and prunes come again with the next report.
+                // Lost, so never acknowledged: no longer waiting for them. A
+                // lost acknowledgement's events are reported again, and the
+                // prune is tried again with the next write.
                 self.shared.uncount(count as u64);
             }
         }
@@ -613,8 +633,12 @@ impl Writer {
         let tx = self.conn.transaction()?;
         insert_batch(&tx, events)?;
         for &(through, seq, counted_from) in acks {
-            tx.prepare_cached("INSERT INTO acks (through, seq, counted_from) VALUES (?, ?, ?)")?
-                .execute(params![through as i64, seq as i64, counted_from as i64])?;
+            // A row may be there already: written, but its count failed.
+            tx.prepare_cached(
+                "INSERT INTO acks (through, seq, counted_from) VALUES (?, ?, ?)
+                 ON CONFLICT (through) DO NOTHING",
+            )?
+            .execute(params![through as i64, seq as i64, counted_from as i64])?;
         }
         if let Some(through) = prune {
             // Remember the highest id pruned: ids keep growing after a restart
@@ -989,6 +1013,38 @@ mod tests {
         // Event 1 is pruned; its batch stays for the others.
         assert_eq!(acked(&opened), [(2, Some(9)), (3, None)]);
         assert_eq!(opened.outbox.unacked(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_acknowledgement_that_cannot_be_written_holds_no_commit_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let opened = Outbox::open(dir.path()).unwrap();
+        opened
+            .outbox
+            .submit(vec![(1, failure(1))])
+            .unwrap()
+            .await
+            .unwrap();
+        // Make every acknowledgement fail to write.
+        Connection::open(dir.path().join(FILE))
+            .unwrap()
+            .execute_batch("DROP TABLE acks")
+            .unwrap();
+        opened.outbox.ack(1, 5, 5);
+        opened
+            .outbox
+            .submit(vec![(2, failure(2))])
+            .unwrap()
+            .await
+            .expect("the events are committed without the acknowledgement");
+        // The acknowledgement was lost, so event 1 is reported again.
+        assert_eq!(
+            numbered(&opened.outbox.unsent(10, u64::MAX).await.unwrap()),
+            [1, 2]
+        );
+        drop(opened);
+        let opened = Outbox::open(dir.path()).unwrap();
+        assert_eq!(acked(&opened), [(1, None), (2, None)]);
     }
 
     #[tokio::test]
