@@ -366,7 +366,9 @@ impl Outbox {
             max_queued,
             committed: unsent.len() as u64,
             shared: shared.clone(),
-            acked_through: acks.last().map_or(0, |(through, ..)| *through),
+            // Pruned events were acknowledged, though a prune may have
+            // deleted every ack row that said so.
+            acked_through: acks.last().map_or(0, |(through, ..)| *through).max(pruned),
             unwritten_prune: None,
             queue: if complete { unsent } else { BTreeMap::new() },
             complete,
@@ -1012,6 +1014,29 @@ mod tests {
         let opened = Outbox::open(dir.path()).unwrap();
         // Event 1 is pruned; its batch stays for the others.
         assert_eq!(acked(&opened), [(2, Some(9)), (3, None)]);
+        assert_eq!(opened.outbox.unacked(), 1);
+    }
+
+    #[tokio::test]
+    async fn pruned_events_are_not_read_again_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let opened = Outbox::open(dir.path()).unwrap();
+        let events = vec![(1, failure(1)), (2, failure(2)), (3, failure(3))];
+        opened.outbox.submit(events).unwrap().await.unwrap();
+        opened.outbox.ack(2, 9, 9);
+        // The prune deletes the ack row; the batch stays for event 3.
+        opened.outbox.prune(2);
+        assert_eq!(
+            numbered(&opened.outbox.unsent(10, u64::MAX).await.unwrap()),
+            [3]
+        );
+        drop(opened);
+        // No memory queue: unsent events come from the file.
+        let opened = Outbox::open_with(dir.path(), 0).unwrap();
+        assert_eq!(
+            numbered(&opened.outbox.unsent(10, u64::MAX).await.unwrap()),
+            [3]
+        );
         assert_eq!(opened.outbox.unacked(), 1);
     }
 
