@@ -20,8 +20,9 @@
 //! [`MAX_QUEUED`]), so the reporter reads them without a query; acknowledgements
 //! are rows of their own (`acks`), one per report rather than one update per
 //! event. Acknowledgements and prunes wait, like failures, for the next commit
-//! (at most [`LINGER`]), so under load one transaction per report carries them
-//! all. Losing one in a crash is losing a report's answer: the events are sent
+//! (at most [`LINGER`]), so under a load of failures one transaction per
+//! report carries them all; after an accepted code's commit, which carries its
+//! events only, they take one transaction of their own. Losing one in a crash is losing a report's answer: the events are sent
 //! again, and the control plane's answer says they were merged before.
 //!
 //! The writer never checkpoints the WAL itself: an accepted code waits for its
@@ -545,8 +546,9 @@ struct Writer {
 }
 
 impl Writer {
-    /// Carry out `commands` with one transaction: the events recorded or
-    /// submitted, then the acknowledgements and prunes, then the reads.
+    /// Carry out `commands`: commit the events recorded or submitted, write
+    /// the acknowledgements and prunes (with the events if nobody waits for
+    /// them), then answer the reads.
     fn handle(&mut self, commands: Vec<Command>) {
         let mut events = std::mem::take(&mut *lock(&self.shared.recorded));
         let mut replies = Vec::new();
@@ -578,39 +580,35 @@ impl Writer {
             newer
         });
         let count = events.len();
-        let written = if events.is_empty() && acks.is_empty() && prunes.is_none() {
+        let bookkeeping = !acks.is_empty() || prunes.is_some();
+        // An accepted code waits for its commit, which carries events only;
+        // the acknowledgements and the prune follow once it is answered.
+        // Failures, which nobody waits for, share one transaction with them.
+        let together = replies.is_empty() && bookkeeping && !events.is_empty();
+        let mut pending = bookkeeping;
+        let written = if events.is_empty() {
             Ok(())
-        } else {
+        } else if together {
             match self.write(&events, &acks, prunes) {
-                // What failed may be an acknowledgement or the prune: write the
-                // events on their own, so accepted codes never wait on those.
-                Err(e) if !events.is_empty() && (!acks.is_empty() || prunes.is_some()) => {
-                    tracing::error!(error = %e, "cannot write usage acknowledgements; retrying the events alone");
-                    acks.clear();
-                    self.unwritten_prune = prunes;
+                Ok(()) => {
+                    pending = false;
+                    Ok(())
+                }
+                // What failed may be an acknowledgement or the prune: the
+                // events are written on their own, and those after them.
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot write usage events with acknowledgements; writing them alone");
                     self.write(&events, &[], None)
                 }
-                Err(e) => {
-                    self.unwritten_prune = prunes;
-                    Err(e)
-                }
-                Ok(()) => Ok(()),
             }
+        } else {
+            self.write(&events, &[], None)
         };
         match &written {
-            Ok(()) => {
-                self.committed(events);
-                for &(through, ..) in &acks {
-                    if let Err(e) = self.acked(through) {
-                        tracing::error!(error = %e, "cannot count acknowledged usage events");
-                    }
-                }
-            }
+            Ok(()) => self.committed(events),
             Err(e) => {
                 tracing::error!(error = %e, "cannot write usage events to the outbox");
-                // Lost, so never acknowledged: no longer waiting for them. A
-                // lost acknowledgement's events are reported again, and the
-                // prune is tried again with the next write.
+                // Lost, so never acknowledged: no longer waiting for them.
                 self.shared.uncount(count as u64);
             }
         }
@@ -619,6 +617,25 @@ impl Writer {
                 Ok(()) => Ok(()),
                 Err(e) => Err(OutboxError::Other(e.to_string())),
             });
+        }
+        let mut acks_written = !pending;
+        if pending {
+            match self.write(&[], &acks, prunes) {
+                Ok(()) => acks_written = true,
+                Err(e) => {
+                    // A lost acknowledgement's events are reported again; the
+                    // prune is tried again with the next write.
+                    tracing::error!(error = %e, "cannot write usage acknowledgements");
+                    self.unwritten_prune = prunes;
+                }
+            }
+        }
+        if acks_written {
+            for &(through, ..) in &acks {
+                if let Err(e) = self.acked(through) {
+                    tracing::error!(error = %e, "cannot count acknowledged usage events");
+                }
+            }
         }
         for (limit, below, reply) in reads {
             let _ = reply.send(self.unsent(limit, below));
@@ -1062,14 +1079,18 @@ mod tests {
             .unwrap()
             .await
             .expect("the events are committed without the acknowledgement");
-        // The acknowledgement was lost, so event 1 is reported again.
+        // A failure nobody waits for shares a transaction with the
+        // acknowledgement, and is written again on its own when it fails.
+        opened.outbox.record(vec![(3, failure(3))]).unwrap();
+        opened.outbox.ack(2, 6, 6);
+        // The acknowledgements were lost, so events 1 and 2 are reported again.
         assert_eq!(
             numbered(&opened.outbox.unsent(10, u64::MAX).await.unwrap()),
-            [1, 2]
+            [1, 2, 3]
         );
         drop(opened);
         let opened = Outbox::open(dir.path()).unwrap();
-        assert_eq!(acked(&opened), [(1, None), (2, None)]);
+        assert_eq!(acked(&opened), [(1, None), (2, None), (3, None)]);
     }
 
     #[tokio::test]
