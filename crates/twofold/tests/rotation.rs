@@ -167,7 +167,7 @@ impl Verifier {
                     attempts.push((factor.user.clone(), factor.code_at_step(step), "totp"));
                 }
                 // Spread the backup codes over the run.
-                if round % 4 == 0
+                if round.is_multiple_of(4)
                     && let Some((user, code)) = codes.pop()
                 {
                     attempts.push((user, code, "backup"));
