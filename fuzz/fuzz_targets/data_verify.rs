@@ -87,7 +87,7 @@ fn fixture() -> &'static Fixture {
         let sealed = keyring.seal_secret(&secret, &binding).expect("sealed");
         let codes = BackupCodes::generate().expect("backup codes");
         let hash_key = keyring.hash_key();
-        let entities = vec![
+        let entities = [
             Entity::ApiKey(ApiKeyRecord {
                 id: "ak_fuzz".into(),
                 tenant: TENANT.into(),
