@@ -186,27 +186,28 @@ fn connect(dir: &Path) -> Result<Connection> {
     )?;
     migrate_acked_column(&mut conn)?;
     migrate_event_rows(&mut conn)?;
-    let has_counted_from: bool = conn.query_row(
+    if !exists(
+        &conn,
         "SELECT count(*) > 0 FROM pragma_table_info('acks') WHERE name = 'counted_from'",
-        [],
-        |r| r.get(0),
-    )?;
-    if !has_counted_from {
+    )? {
         conn.execute_batch("ALTER TABLE acks ADD COLUMN counted_from INTEGER")?;
     }
     Ok(conn)
+}
+
+/// Whether `query`, a `SELECT count(*) > 0 ...`, finds anything.
+fn exists(conn: &Connection, query: &str) -> Result<bool> {
+    Ok(conn.query_row(query, [], |r| r.get(0))?)
 }
 
 /// Outboxes written before the `acks` table kept each event's acknowledgement
 /// in a column of its own: turn those into `acks` rows (the highest id merged
 /// in each change) and drop the column.
 fn migrate_acked_column(conn: &mut Connection) -> Result<()> {
-    let has_column: bool = conn.query_row(
+    if !exists(
+        conn,
         "SELECT count(*) > 0 FROM pragma_table_info('outbox') WHERE name = 'acked_seq'",
-        [],
-        |r| r.get(0),
-    )?;
-    if !has_column {
+    )? {
         return Ok(());
     }
     let tx = conn.transaction()?;
@@ -222,12 +223,10 @@ fn migrate_acked_column(conn: &mut Connection) -> Result<()> {
 /// Outboxes written before `batches` kept one row per event (`outbox`): move
 /// those into batches of [`MIGRATED_BATCH`] and drop the table.
 fn migrate_event_rows(conn: &mut Connection) -> Result<()> {
-    let has_table: bool = conn.query_row(
+    if !exists(
+        conn,
         "SELECT count(*) > 0 FROM sqlite_schema WHERE type = 'table' AND name = 'outbox'",
-        [],
-        |r| r.get(0),
-    )?;
-    if !has_table {
+    )? {
         return Ok(());
     }
     let tx = conn.transaction()?;
@@ -581,27 +580,23 @@ impl Writer {
             newer
         });
         let count = events.len();
-        let bookkeeping = !acks.is_empty() || prunes.is_some();
+        // Whether the acknowledgements and the prune are written.
+        let mut bookkept = acks.is_empty() && prunes.is_none();
         // An accepted code waits for its commit, which carries events only;
         // the acknowledgements and the prune follow once it is answered.
-        // Failures, which nobody waits for, share one transaction with them.
-        let together = replies.is_empty() && bookkeeping && !events.is_empty();
-        let mut pending = bookkeeping;
+        // Failures, which nobody waits for, share one transaction with them,
+        // and if that fails (the fault may be theirs) are written on their own.
         let written = if events.is_empty() {
             Ok(())
-        } else if together {
-            match self.write(&events, &acks, prunes) {
-                Ok(()) => {
-                    pending = false;
-                    Ok(())
-                }
-                // What failed may be an acknowledgement or the prune: the
-                // events are written on their own, and those after them.
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot write usage events with acknowledgements; writing them alone");
-                    self.write(&events, &[], None)
-                }
-            }
+        } else if replies.is_empty()
+            && !bookkept
+            && self
+                .write(&events, &acks, prunes)
+                .inspect_err(|e| tracing::error!(error = %e, "cannot write usage events with acknowledgements"))
+                .is_ok()
+        {
+            bookkept = true;
+            Ok(())
         } else {
             self.write(&events, &[], None)
         };
@@ -619,10 +614,9 @@ impl Writer {
                 Err(e) => Err(OutboxError::Other(e.to_string())),
             });
         }
-        let mut acks_written = !pending;
-        if pending {
+        if !bookkept {
             match self.write(&[], &acks, prunes) {
-                Ok(()) => acks_written = true,
+                Ok(()) => bookkept = true,
                 Err(e) => {
                     // A lost acknowledgement's events are reported again; the
                     // prune is tried again with the next write.
@@ -631,7 +625,7 @@ impl Writer {
                 }
             }
         }
-        if acks_written {
+        if bookkept {
             for &(through, ..) in &acks {
                 if let Err(e) = self.acked(through) {
                     tracing::error!(error = %e, "cannot count acknowledged usage events");
