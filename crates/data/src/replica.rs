@@ -138,10 +138,11 @@ fn read_position(conn: &Connection) -> Result<Position> {
 }
 
 fn write_meta(conn: &Connection, key: &str, value: &str) -> Result<()> {
-    conn.execute(
+    // Cached: every change applied writes its seq here.
+    conn.prepare_cached(
         "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        [key, value],
-    )?;
+    )?
+    .execute([key, value])?;
     Ok(())
 }
 
