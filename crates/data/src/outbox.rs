@@ -584,6 +584,18 @@ impl Writer {
             newer
         });
         let count = events.len();
+        // The events that the acknowledgements, and the prune, newly cover
+        // (a node prunes only what was acknowledged, though that ack's own
+        // write may have failed). Counted before anything is written: a prune
+        // written with them deletes their batches, and the file's count is
+        // then short, which would leave them counted as unacknowledged.
+        let covered = acks
+            .iter()
+            .map(|&(through, ..)| through)
+            .chain(prunes)
+            .max()
+            .filter(|&through| through > self.acked_through)
+            .map(|through| (through, self.covered_by(through)));
         // Whether the acknowledgements and the prune are written.
         let mut bookkept = acks.is_empty() && prunes.is_none();
         // An accepted code waits for its commit, which carries events only;
@@ -630,10 +642,12 @@ impl Writer {
             }
         }
         if bookkept {
-            for &(through, ..) in &acks {
-                if let Err(e) = self.acked(through) {
+            match covered {
+                Some((through, Ok(newly))) => self.acked(through, newly),
+                Some((_, Err(e))) => {
                     tracing::error!(error = %e, "cannot count acknowledged usage events");
                 }
+                None => {}
             }
         }
         for (limit, below, reply) in reads {
@@ -751,24 +765,30 @@ impl Writer {
         Ok(count)
     }
 
-    /// Events up to `through` are acknowledged, as written: no longer waited for.
-    fn acked(&mut self, through: u64) -> Result<()> {
-        if through <= self.acked_through {
-            return Ok(());
-        }
-        let newly = if self.complete {
-            let left = self.queue.split_off(&through.saturating_add(1));
-            std::mem::replace(&mut self.queue, left).len() as u64
+    /// Committed events past the last acknowledgement, up to `through`.
+    fn covered_by(&self, through: u64) -> Result<u64> {
+        if self.complete {
+            Ok(self.queue.range(..=through).count() as u64)
         } else {
-            self.count_stored(self.acked_through, through)?
-        };
+            self.count_stored(self.acked_through, through)
+        }
+    }
+
+    /// Events up to `through`, `newly` of them not acknowledged before, are
+    /// acknowledged, as written: no longer waited for.
+    fn acked(&mut self, through: u64, newly: u64) {
+        if through <= self.acked_through {
+            return;
+        }
+        if self.complete {
+            self.queue = self.queue.split_off(&through.saturating_add(1));
+        }
         self.acked_through = through;
         self.shared.uncount(newly);
         self.committed = self.committed.saturating_sub(newly);
         if !self.complete && self.committed == 0 {
             self.complete = true;
         }
-        Ok(())
     }
 }
 
@@ -1087,9 +1107,48 @@ mod tests {
             numbered(&opened.outbox.unsent(10, u64::MAX).await.unwrap()),
             [1, 2, 3]
         );
+        assert_eq!(opened.outbox.unacked(), 3);
+        // Once the file can be written again, a prune is: the node prunes
+        // only what it was told was merged, so the prune says so too, though
+        // no acknowledgement could be written.
+        Connection::open(dir.path().join(FILE))
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE acks (through INTEGER PRIMARY KEY, seq INTEGER NOT NULL,
+                                    counted_from INTEGER) STRICT",
+            )
+            .unwrap();
+        opened.outbox.prune(2);
+        assert_eq!(
+            numbered(&opened.outbox.unsent(10, u64::MAX).await.unwrap()),
+            [3]
+        );
+        assert_eq!(opened.outbox.unacked(), 1);
         drop(opened);
         let opened = Outbox::open(dir.path()).unwrap();
-        assert_eq!(acked(&opened), [(1, None), (2, None), (3, None)]);
+        assert_eq!(acked(&opened), [(3, None)]);
+    }
+
+    #[tokio::test]
+    async fn events_pruned_with_their_acknowledgement_are_not_counted_as_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        // No memory queue: acknowledged events are counted from the file.
+        let opened = Outbox::open_with(dir.path(), 0).unwrap();
+        let outbox = &opened.outbox;
+        let events = vec![(1, failure(1)), (2, failure(2))];
+        outbox.submit(events).unwrap().await.unwrap();
+        outbox.submit(vec![(3, failure(3))]).unwrap().await.unwrap();
+        assert_eq!(outbox.unacked(), 3);
+        // The replica applied the acknowledged change before the writer took
+        // the acknowledgement: one write carries it and the prune (the read
+        // ends the linger that gathers them).
+        outbox.ack(3, 9, 9);
+        outbox.prune(3);
+        assert!(outbox.unsent(10, u64::MAX).await.unwrap().is_empty());
+        assert_eq!(outbox.unacked(), 0, "every event is acknowledged");
+        outbox.submit(vec![(4, failure(4))]).unwrap().await.unwrap();
+        assert_eq!(numbered(&outbox.unsent(10, u64::MAX).await.unwrap()), [4]);
+        assert_eq!(outbox.unacked(), 1);
     }
 
     #[tokio::test]
