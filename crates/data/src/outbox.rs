@@ -1,13 +1,15 @@
-//! The node's durable outbox of usage events (`local.db`), written by one thread
-//! that commits every queued event in one transaction (group commit).
+//! The node's durable outbox of usage events (`local.db`), written by one
+//! writer that commits every queued event in one transaction (group commit):
+//! its thread, or an accepted code's request that finds it idle.
 //!
 //! An event stays in the outbox after the control plane acknowledges it, until
 //! the replica has applied the change that carries its merged result. So after a
 //! restart, replaying the outbox over the replica restores everything this node
 //! accepted, and a code accepted just before a crash is still refused after it.
 //!
-//! Two ways in: [`Outbox::submit`] wakes the writer and resolves once committed
-//! (an accepted code waits for it); [`Outbox::record`] only queues, and the
+//! Two ways in: [`Outbox::submit`] resolves once committed (an accepted code
+//! waits for it): the caller commits itself when the writer is idle, and
+//! otherwise wakes the writer thread; [`Outbox::record`] only queues, and the
 //! events join the next commit, at most [`LINGER`] later. Failures take the
 //! second way, so a flood of wrong codes costs one wake-up and one transaction
 //! per [`LINGER`], not one per attempt.
@@ -26,11 +28,12 @@
 //! is losing a report's answer: the events are sent again, and the control
 //! plane's answer says they were merged before.
 //!
-//! The writer never checkpoints the WAL itself: an accepted code waits for its
-//! commit, and a commit that ran SQLite's automatic checkpoint (copying the WAL
-//! into the database and syncing it) would make that code wait milliseconds.
-//! A second thread, on a connection of its own, checkpoints every
-//! [`CHECKPOINT_EVERY`] while commits go on.
+//! The writer does not checkpoint the WAL at SQLite's default threshold: an
+//! accepted code waits for its commit, and a commit that ran SQLite's
+//! automatic checkpoint (copying the WAL into the database and syncing it)
+//! would make that code wait milliseconds. A second thread, on a connection of
+//! its own, checkpoints every [`CHECKPOINT_EVERY`] while commits go on; the
+//! writer's own checkpoint, past [`WRITER_CHECKPOINT_PAGES`], copies little.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -145,10 +148,19 @@ impl Shared {
 }
 
 /// Handle to the outbox thread. Cheap to clone.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Outbox {
     tx: mpsc::Sender<Command>,
     shared: Arc<Shared>,
+    /// The writer, held by whoever commits: its thread, or a submit that
+    /// finds it idle.
+    writer: Arc<Mutex<Writer>>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox").finish_non_exhaustive()
+    }
 }
 
 /// What the outbox held at start.
@@ -388,29 +400,49 @@ impl Outbox {
             .name("twofold-checkpoint".into())
             .spawn(move || checkpoint_until_stopped(&checkpoints, &stopped))
             .map_err(|e| OutboxError::Other(e.to_string()))?;
+        let writer = Arc::new(Mutex::new(writer));
         let (tx, rx) = mpsc::channel();
+        let thread_writer = writer.clone();
         thread::Builder::new()
             .name("twofold-outbox".into())
             .spawn(move || {
                 let _stop = stop;
-                run(writer, &rx)
+                run(&thread_writer, &rx)
             })
             .map_err(|e| OutboxError::Other(e.to_string()))?;
         Ok(Opened {
-            outbox: Outbox { tx, shared },
+            outbox: Outbox { tx, shared, writer },
             node_id,
             stored,
             next_id,
         })
     }
 
-    /// Commit events now. Returns at once; the returned future resolves once
-    /// they are committed, and may be dropped.
+    /// Commit events now. The returned future resolves once they are
+    /// committed, and may be dropped.
+    ///
+    /// If the writer is idle, the caller commits them itself before this
+    /// returns (a write to the WAL, not synced: no longer than a wake-up of the
+    /// writer thread and the switches to it and back, which it saves). If the
+    /// writer is busy, they wait for its thread's next commit: a caller never
+    /// waits here for another's write.
     pub fn submit(&self, events: Events) -> Result<impl Future<Output = Result<()>> + use<>> {
         let (reply, done) = oneshot::channel();
         let count = events.len();
         self.shared.count(count);
-        if self.tx.send(Command::Submit(events, reply)).is_err() {
+        let command = Command::Submit(events, reply);
+        let command = match self.writer.try_lock() {
+            Ok(mut writer) => {
+                writer.handle(vec![command]);
+                None
+            }
+            // Busy, or poisoned by a panic (its thread is gone, and the
+            // channel says so).
+            Err(_) => Some(command),
+        };
+        if let Some(command) = command
+            && self.tx.send(command).is_err()
+        {
             self.shared.uncount(count as u64);
             return Err(OutboxError::Closed);
         }
@@ -504,8 +536,8 @@ fn checkpoint_until_stopped(conn: &Connection, stopped: &mpsc::Receiver<()>) {
     }
 }
 
-fn run(mut writer: Writer, rx: &mpsc::Receiver<Command>) {
-    let shared = writer.shared.clone();
+fn run(writer: &Mutex<Writer>, rx: &mpsc::Receiver<Command>) {
+    let shared = lock(writer).shared.clone();
     let _alive = Alive(&shared.alive);
     while let Ok(first) = rx.recv() {
         let mut commands = vec![first];
@@ -523,7 +555,7 @@ fn run(mut writer: Writer, rx: &mpsc::Receiver<Command>) {
             }
         }
         commands.extend(rx.try_iter());
-        writer.handle(commands);
+        lock(writer).handle(commands);
     }
 }
 
@@ -877,6 +909,52 @@ mod tests {
             db_size() > before,
             "the checkpoint thread copied the committed pages into {FILE}"
         );
+    }
+
+    /// Batches committed to the file, read on a connection of its own.
+    fn batches_in_file(dir: &Path) -> i64 {
+        Connection::open(dir.join(FILE))
+            .unwrap()
+            .query_row("SELECT count(*) FROM batches", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_submit_to_an_idle_writer_is_committed_before_it_returns() {
+        use futures_util::FutureExt;
+        let dir = tempfile::tempdir().unwrap();
+        let opened = Outbox::open(dir.path()).unwrap();
+        opened.outbox.record(vec![(1, failure(10))]).unwrap();
+        let committed = opened.outbox.submit(vec![(2, failure(11))]).unwrap();
+        assert_eq!(
+            committed.now_or_never().map(|r| r.is_ok()),
+            Some(true),
+            "committed by the caller, not by waking the writer thread"
+        );
+        assert_eq!(batches_in_file(dir.path()), 1, "with the recorded event");
+        assert_eq!(
+            numbered(&opened.outbox.unsent(10, u64::MAX).await.unwrap()),
+            [1, 2]
+        );
+    }
+
+    #[tokio::test]
+    // Holding the writer across the wait is the point: it stands for a commit
+    // in progress on the writer thread.
+    #[allow(clippy::await_holding_lock)]
+    async fn a_submit_to_a_busy_writer_waits_for_its_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let opened = Outbox::open(dir.path()).unwrap();
+        let busy = lock(&opened.outbox.writer);
+        let mut committed = Box::pin(opened.outbox.submit(vec![(1, failure(10))]).unwrap());
+        assert!(
+            tokio::time::timeout(LINGER, &mut committed).await.is_err(),
+            "not committed while the writer is held"
+        );
+        assert_eq!(batches_in_file(dir.path()), 0);
+        drop(busy);
+        committed.await.unwrap();
+        assert_eq!(batches_in_file(dir.path()), 1);
     }
 
     fn numbered(events: &[NumberedEvent]) -> Vec<u64> {
