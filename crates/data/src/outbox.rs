@@ -93,8 +93,8 @@ pub struct Stored {
 type Events = Vec<(u64, UsageEvent)>;
 
 enum Command {
-    /// Commit these now, with whatever was recorded, and say when it is done.
-    Submit(Events, oneshot::Sender<Result<()>>),
+    /// Submitted events are waiting: commit them now.
+    Commit,
     /// Recorded events are waiting.
     Flush,
     Unsent(usize, u64, oneshot::Sender<Result<Vec<NumberedEvent>>>),
@@ -111,7 +111,7 @@ enum Command {
 impl Command {
     /// Whether a caller waits for this command: it ends the writer's linger.
     fn is_urgent(&self) -> bool {
-        matches!(self, Command::Submit(..) | Command::Unsent(..))
+        matches!(self, Command::Commit | Command::Unsent(..))
     }
 }
 
@@ -121,11 +121,18 @@ impl std::fmt::Debug for Command {
     }
 }
 
+/// Events waiting for the next commit, and the submitters waiting for it.
+#[derive(Debug, Default)]
+struct Pending {
+    events: Events,
+    replies: Vec<oneshot::Sender<Result<()>>>,
+}
+
 /// What the handles and the writer thread share.
 #[derive(Debug)]
 struct Shared {
-    /// Events recorded since the writer last took them.
-    recorded: Mutex<Events>,
+    /// Events recorded or submitted since the writer last took them.
+    pending: Mutex<Pending>,
     /// Events recorded or submitted and not yet acknowledged.
     unacked: AtomicU64,
     /// Cleared when the writer thread ends.
@@ -373,7 +380,7 @@ impl Outbox {
             .map(|s| (s.event.id, s.event.event.clone()))
             .collect();
         let shared = Arc::new(Shared {
-            recorded: Mutex::new(Vec::new()),
+            pending: Mutex::default(),
             unacked: AtomicU64::new(unsent.len() as u64),
             alive: AtomicBool::new(true),
         });
@@ -419,34 +426,50 @@ impl Outbox {
     }
 
     /// Commit events now. The returned future resolves once they are
-    /// committed, and may be dropped.
+    /// committed.
     ///
-    /// If the writer is idle, the caller commits them itself before this
-    /// returns (a write to the WAL, not synced: no longer than a wake-up of the
-    /// writer thread and the switches to it and back, which it saves). If the
-    /// writer is busy, they wait for its thread's next commit: a caller never
-    /// waits here for another's write.
+    /// They are committed when the future is first polled, after one yield to
+    /// the runtime: the other requests the worker has ready submit theirs
+    /// meanwhile, and the first to resume commits them all. If the writer is
+    /// idle, that caller commits on its own worker (a write to the WAL, not
+    /// synced), which saves waking the writer thread and the switches to it
+    /// and back; if it is busy, the caller wakes the thread and waits for its
+    /// next commit, so a worker never waits for another's write. A future
+    /// dropped after its first poll still has its events committed; one never
+    /// polled leaves them to the next commit.
     pub fn submit(&self, events: Events) -> Result<impl Future<Output = Result<()>> + use<>> {
-        let (reply, done) = oneshot::channel();
-        let count = events.len();
-        self.shared.count(count);
-        let command = Command::Submit(events, reply);
-        let command = match self.writer.try_lock() {
-            Ok(mut writer) => {
-                writer.handle(vec![command]);
-                None
-            }
-            // Busy, or poisoned by a panic (its thread is gone, and the
-            // channel says so).
-            Err(_) => Some(command),
-        };
-        if let Some(command) = command
-            && self.tx.send(command).is_err()
-        {
-            self.shared.uncount(count as u64);
+        if !self.shared.alive.load(Ordering::SeqCst) {
             return Err(OutboxError::Closed);
         }
-        Ok(async move { done.await.map_err(|_| OutboxError::Closed)? })
+        let (reply, done) = oneshot::channel();
+        {
+            let mut pending = lock(&self.shared.pending);
+            // Counted before the writer can take and commit them, as in
+            // `record`.
+            self.shared.count(events.len());
+            pending.events.extend(events);
+            pending.replies.push(reply);
+        }
+        let outbox = self.clone();
+        Ok(async move {
+            let commit = CommitOnDrop(&outbox);
+            tokio::task::yield_now().await;
+            drop(commit);
+            done.await.map_err(|_| OutboxError::Closed)?
+        })
+    }
+
+    /// Commit what is pending: here if the writer is idle, else by its thread.
+    fn commit_pending(&self) {
+        // Busy, or poisoned by a panic: then its thread is gone, and so is the
+        // channel's receiver.
+        if let Ok(mut writer) = self.writer.try_lock() {
+            writer.handle(Vec::new());
+        } else if self.tx.send(Command::Commit).is_err() {
+            let lost = std::mem::take(&mut *lock(&self.shared.pending));
+            self.shared.uncount(lost.events.len() as u64);
+            // Dropping the replies answers their submitters: closed.
+        }
     }
 
     /// Commit everything queued so far and wait for it; for shutdown.
@@ -460,12 +483,12 @@ impl Outbox {
             return Err(OutboxError::Closed);
         }
         let first = {
-            let mut recorded = lock(&self.shared.recorded);
+            let mut pending = lock(&self.shared.pending);
             // Counted under the lock, before the writer can take and commit
             // them, so their acknowledgement never comes before the count.
             self.shared.count(events.len());
-            let first = recorded.is_empty();
-            recorded.extend(events);
+            let first = pending.events.is_empty() && pending.replies.is_empty();
+            pending.events.extend(events);
             first
         };
         // Only the first event of a batch wakes the writer.
@@ -508,6 +531,16 @@ impl Outbox {
     /// decides this from its acks) and are no longer needed.
     pub fn prune(&self, through: u64) {
         let _ = self.tx.send(Command::Prune { through });
+    }
+}
+
+/// Commits what is pending when dropped: a submitter's future, after its
+/// yield or when dropped during it.
+struct CommitOnDrop<'a>(&'a Outbox);
+
+impl Drop for CommitOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.commit_pending();
     }
 }
 
@@ -586,18 +619,13 @@ impl Writer {
     /// the acknowledgements and prunes (with the events if nobody waits for
     /// them), then answer the reads.
     fn handle(&mut self, commands: Vec<Command>) {
-        let mut events = std::mem::take(&mut *lock(&self.shared.recorded));
-        let mut replies = Vec::new();
+        let Pending { events, replies } = std::mem::take(&mut *lock(&self.shared.pending));
         let mut acks = Vec::new();
         let mut prunes = self.unwritten_prune.take();
         let mut reads = Vec::new();
         for cmd in commands {
             match cmd {
-                Command::Submit(submitted, reply) => {
-                    events.extend(submitted);
-                    replies.push(reply);
-                }
-                Command::Flush => {}
+                Command::Commit | Command::Flush => {}
                 Command::Ack {
                     through,
                     seq,
@@ -920,22 +948,38 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_submit_to_an_idle_writer_is_committed_before_it_returns() {
-        use futures_util::FutureExt;
+    async fn submits_ready_together_share_one_commit() {
         let dir = tempfile::tempdir().unwrap();
         let opened = Outbox::open(dir.path()).unwrap();
         opened.outbox.record(vec![(1, failure(10))]).unwrap();
-        let committed = opened.outbox.submit(vec![(2, failure(11))]).unwrap();
+        // Polled in turn by one task, as a worker runs the requests it has
+        // ready: each submits, yields, and the first to resume commits all.
+        let outbox = &opened.outbox;
+        let submit = |id| async move { outbox.submit(vec![(id, failure(id))])?.await };
+        let (a, b, c) = tokio::join!(submit(2), submit(3), submit(4));
+        a.and(b).and(c).unwrap();
         assert_eq!(
-            committed.now_or_never().map(|r| r.is_ok()),
-            Some(true),
-            "committed by the caller, not by waking the writer thread"
+            batches_in_file(dir.path()),
+            1,
+            "one commit, with the recorded event"
         );
-        assert_eq!(batches_in_file(dir.path()), 1, "with the recorded event");
         assert_eq!(
             numbered(&opened.outbox.unsent(10, u64::MAX).await.unwrap()),
-            [1, 2]
+            [1, 2, 3, 4]
         );
+    }
+
+    #[tokio::test]
+    async fn a_submit_dropped_while_it_yields_is_still_committed() {
+        use futures_util::FutureExt;
+        let dir = tempfile::tempdir().unwrap();
+        let opened = Outbox::open(dir.path()).unwrap();
+        let mut committed = Box::pin(opened.outbox.submit(vec![(1, failure(10))]).unwrap());
+        assert!((&mut committed).now_or_never().is_none(), "yielding");
+        assert_eq!(batches_in_file(dir.path()), 0);
+        drop(committed);
+        assert_eq!(batches_in_file(dir.path()), 1);
+        assert_eq!(opened.outbox.unacked(), 1, "and waits for its report");
     }
 
     #[tokio::test]
