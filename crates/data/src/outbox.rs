@@ -28,16 +28,18 @@
 //! is losing a report's answer: the events are sent again, and the control
 //! plane's answer says they were merged before.
 //!
-//! The writer does not checkpoint the WAL at SQLite's default threshold: an
-//! accepted code waits for its commit, and a commit that ran SQLite's
-//! automatic checkpoint (copying the WAL into the database and syncing it)
-//! would make that code wait milliseconds. A second thread, on a connection of
-//! its own, checkpoints every [`CHECKPOINT_EVERY`] while commits go on; the
-//! writer's own checkpoint, past [`WRITER_CHECKPOINT_PAGES`], copies little.
+//! No commit runs SQLite's automatic checkpoint: an accepted code waits for
+//! its commit, and a checkpoint (copying the WAL into the database and syncing
+//! it) would make that code wait milliseconds, and on a request's worker hold
+//! every other request too. A second thread, on a connection of its own,
+//! checkpoints every [`CHECKPOINT_EVERY`] while commits go on. Past
+//! [`WRITER_CHECKPOINT_PAGES`] the writer thread checkpoints after its commit,
+//! by then a short copy, so that the WAL starts over; meanwhile submits go
+//! through the thread.
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -385,7 +387,7 @@ impl Outbox {
             alive: AtomicBool::new(true),
         });
         let complete = unsent.len() <= max_queued;
-        let writer = Writer {
+        let mut writer = Writer {
             conn,
             max_queued,
             committed: unsent.len() as u64,
@@ -396,10 +398,17 @@ impl Outbox {
             unwritten_prune: None,
             queue: if complete { unsent } else { BTreeMap::new() },
             complete,
+            wal_pages: Arc::new(AtomicI64::new(0)),
         };
-        writer
-            .conn
-            .pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
+        // Replaces SQLite's automatic checkpoint: the writer checkpoints on its
+        // thread only, never on a request's worker (`checkpoint_if_large`).
+        let wal_pages = writer.wal_pages.clone();
+        writer.conn.wal_hook(Some(
+            move |_: &mut rusqlite::hooks::Wal, pages: std::ffi::c_int| {
+                wal_pages.store(pages.into(), Ordering::Relaxed);
+                Ok(())
+            },
+        ))?;
         let checkpoints = Connection::open(dir.join(FILE))?;
         // Ends the checkpoint thread when the writer thread ends.
         let (stop, stopped) = mpsc::channel::<()>();
@@ -463,7 +472,11 @@ impl Outbox {
     fn commit_pending(&self) {
         // Busy, or poisoned by a panic: then its thread is gone, and so is the
         // channel's receiver.
-        if let Ok(mut writer) = self.writer.try_lock() {
+        // A large WAL is left to the thread, which checkpoints it after its
+        // commit: that copy and its syncs must not hold a request's worker.
+        if let Ok(mut writer) = self.writer.try_lock()
+            && !writer.wal_is_large()
+        {
             writer.handle(Vec::new());
         } else if self.tx.send(Command::Commit).is_err() {
             let lost = std::mem::take(&mut *lock(&self.shared.pending));
@@ -588,7 +601,9 @@ fn run(writer: &Mutex<Writer>, rx: &mpsc::Receiver<Command>) {
             }
         }
         commands.extend(rx.try_iter());
-        lock(writer).handle(commands);
+        let mut writer = lock(writer);
+        writer.handle(commands);
+        writer.checkpoint_if_large();
     }
 }
 
@@ -612,6 +627,8 @@ struct Writer {
     /// A prune whose write failed, tried again with the next one: the node
     /// sends a prune only when it covers more.
     unwritten_prune: Option<u64>,
+    /// Pages in the WAL after the last commit.
+    wal_pages: Arc<AtomicI64>,
 }
 
 impl Writer {
@@ -712,6 +729,22 @@ impl Writer {
         }
         for (limit, below, reply) in reads {
             let _ = reply.send(self.unsent(limit, below));
+        }
+    }
+
+    fn wal_is_large(&self) -> bool {
+        self.wal_pages.load(Ordering::Relaxed) >= WRITER_CHECKPOINT_PAGES
+    }
+
+    /// Checkpoint a WAL the checkpoint thread could not start over (see
+    /// [`checkpoint_until_stopped`]): after this, the next commit does.
+    fn checkpoint_if_large(&self) {
+        if self.wal_is_large()
+            && let Err(e) = self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+        {
+            tracing::warn!(error = %e, "outbox checkpoint failed; retrying");
         }
     }
 
@@ -980,6 +1013,31 @@ mod tests {
         drop(committed);
         assert_eq!(batches_in_file(dir.path()), 1);
         assert_eq!(opened.outbox.unacked(), 1, "and waits for its report");
+    }
+
+    #[tokio::test]
+    async fn a_large_wal_is_left_to_the_writer_thread() {
+        use futures_util::FutureExt;
+        let dir = tempfile::tempdir().unwrap();
+        let opened = Outbox::open(dir.path()).unwrap();
+        let wal_pages = lock(&opened.outbox.writer).wal_pages.clone();
+        // Resumed after its yield: done at once if committed by the caller.
+        let committed_here = |id| {
+            let mut committed = Box::pin(opened.outbox.submit(vec![(id, failure(id))]).unwrap());
+            assert!((&mut committed).now_or_never().is_none(), "yielding");
+            ((&mut committed).now_or_never().is_some(), committed)
+        };
+        wal_pages.store(WRITER_CHECKPOINT_PAGES, Ordering::Relaxed);
+        let (here, committed) = committed_here(1);
+        assert!(!here, "sent to the thread");
+        committed.await.unwrap();
+        assert!(
+            wal_pages.load(Ordering::Relaxed) < WRITER_CHECKPOINT_PAGES,
+            "each commit reports the WAL's pages"
+        );
+        let (here, _) = committed_here(2);
+        assert!(here, "committed by the caller again");
+        assert_eq!(batches_in_file(dir.path()), 2);
     }
 
     #[tokio::test]
