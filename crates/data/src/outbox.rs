@@ -1031,6 +1031,8 @@ mod tests {
         let (here, committed) = committed_here(1);
         assert!(!here, "sent to the thread");
         committed.await.unwrap();
+        // It answers, then checkpoints: wait for it to let the writer go.
+        drop(lock(&opened.outbox.writer));
         assert!(
             wal_pages.load(Ordering::Relaxed) < WRITER_CHECKPOINT_PAGES,
             "each commit reports the WAL's pages"
