@@ -157,19 +157,13 @@ impl Shared {
 }
 
 /// Handle to the outbox thread. Cheap to clone.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Outbox {
     tx: mpsc::Sender<Command>,
     shared: Arc<Shared>,
     /// The writer, held by whoever commits: its thread, or a submit that
     /// finds it idle.
     writer: Arc<Mutex<Writer>>,
-}
-
-impl std::fmt::Debug for Outbox {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Outbox").finish_non_exhaustive()
-    }
 }
 
 /// What the outbox held at start.
@@ -470,10 +464,10 @@ impl Outbox {
 
     /// Commit what is pending: here if the writer is idle, else by its thread.
     fn commit_pending(&self) {
-        // Busy, or poisoned by a panic: then its thread is gone, and so is the
-        // channel's receiver.
-        // A large WAL is left to the thread, which checkpoints it after its
-        // commit: that copy and its syncs must not hold a request's worker.
+        // The thread commits if the writer is busy; if its WAL is large (the
+        // thread checkpoints after its commit, and that copy and its syncs
+        // must not hold a request's worker); or if the lock is poisoned by a
+        // panic, and then the send fails if the thread is gone.
         if let Ok(mut writer) = self.writer.try_lock()
             && !writer.wal_is_large()
         {
@@ -607,7 +601,8 @@ fn run(writer: &Mutex<Writer>, rx: &mpsc::Receiver<Command>) {
     }
 }
 
-/// The writer thread's state.
+/// The writer's state.
+#[derive(Debug)]
 struct Writer {
     conn: Connection,
     shared: Arc<Shared>,
