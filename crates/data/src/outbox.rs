@@ -441,18 +441,8 @@ impl Outbox {
     /// dropped after its first poll still has its events committed; one never
     /// polled leaves them to the next commit.
     pub fn submit(&self, events: Events) -> Result<impl Future<Output = Result<()>> + use<>> {
-        if !self.shared.alive.load(Ordering::SeqCst) {
-            return Err(OutboxError::Closed);
-        }
         let (reply, done) = oneshot::channel();
-        {
-            let mut pending = lock(&self.shared.pending);
-            // Counted before the writer can take and commit them, as in
-            // `record`.
-            self.shared.count(events.len());
-            pending.events.extend(events);
-            pending.replies.push(reply);
-        }
+        self.add_pending(events, Some(reply))?;
         let outbox = self.clone();
         Ok(async move {
             let commit = CommitOnDrop(&outbox);
@@ -486,25 +476,33 @@ impl Outbox {
 
     /// Queue events for a commit about [`LINGER`] later, without waiting for it.
     pub fn record(&self, events: Events) -> Result<()> {
-        if !self.shared.alive.load(Ordering::SeqCst) {
-            return Err(OutboxError::Closed);
-        }
-        let first = {
-            let mut pending = lock(&self.shared.pending);
-            // Counted under the lock, before the writer can take and commit
-            // them, so their acknowledgement never comes before the count.
-            self.shared.count(events.len());
-            let first = pending.events.is_empty() && pending.replies.is_empty();
-            pending.events.extend(events);
-            first
-        };
         // Only the first event of a batch wakes the writer.
-        if first {
+        if self.add_pending(events, None)? {
             self.tx
                 .send(Command::Flush)
                 .map_err(|_| OutboxError::Closed)?;
         }
         Ok(())
+    }
+
+    /// Add events, and a submitter's reply, to the next commit. Returns
+    /// whether nothing was pending before.
+    fn add_pending(
+        &self,
+        events: Events,
+        reply: Option<oneshot::Sender<Result<()>>>,
+    ) -> Result<bool> {
+        if !self.shared.alive.load(Ordering::SeqCst) {
+            return Err(OutboxError::Closed);
+        }
+        let mut pending = lock(&self.shared.pending);
+        // Counted under the lock, before the writer can take and commit them,
+        // so their acknowledgement never comes before the count.
+        self.shared.count(events.len());
+        let first = pending.events.is_empty() && pending.replies.is_empty();
+        pending.events.extend(events);
+        pending.replies.extend(reply);
+        Ok(first)
     }
 
     /// Up to `limit` events not yet acknowledged with ids below `below`, oldest
