@@ -6,6 +6,7 @@ mod common;
 use common::{NewKey, OPERATOR, Tenant, TestServer, enc};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use twofold_control::store::Actor;
 use twofold_core::feed::{Entity, SnapshotLine};
 
 suite! {
@@ -14,6 +15,7 @@ suite! {
     a_published_state_counts_every_event_of_its_report,
     a_retried_report_is_answered_with_its_first_merge,
     a_refused_code_resets_nothing,
+    a_failure_counts_for_any_user_twofold_knows,
     a_user_with_only_unpublished_failures_can_be_deleted,
     failures_from_several_nodes_combine_into_a_throttle,
     reports_are_validated_and_may_exceed_the_default_body_limit,
@@ -88,6 +90,43 @@ async fn listed_failures(server: &TestServer, token: &str, user: &str) -> Option
         .await
         .1["failures"]
         .as_u64()
+}
+
+/// A first failure counts for a user with an active factor, a pending one, or
+/// backup codes only, and not for a user Twofold does not know; a second
+/// failure adds to the first.
+async fn a_failure_counts_for_any_user_twofold_knows() {
+    let server = TestServer::start().await;
+    let tenant = server.tenant("acme").await;
+    let m = &tenant.manage;
+    server.active_factor(m, "alice").await;
+    server.enroll(m, "bob").await;
+    server.backup_codes(m, "carol").await;
+    let t = &tenant.id;
+    let users = ["alice", "bob", "carol", "nobody"];
+    let first = users
+        .iter()
+        .zip(1..)
+        .map(|(user, id)| event(id, failure_of(t, user)))
+        .collect();
+    report(&server, "node_a", first).await;
+    report(&server, "node_a", failures(t, "carol", 5..=5)).await;
+
+    let tenant_id = tenant.id.clone();
+    let counted = server
+        .with_store(move |store| {
+            users.map(|user| store.user_state(&tenant_id, user).unwrap().all_failures())
+        })
+        .await;
+    assert_eq!(counted, [1, 1, 2, 0]);
+    let nobody = tenant.id.clone();
+    let exists = server
+        .with_store(move |store| store.unlock_user(0, &Actor::Operator, &nobody, "nobody"))
+        .await;
+    assert!(
+        exists.is_err(),
+        "the unknown user's failure left no trace: {exists:?}"
+    );
 }
 
 async fn reports_merge_and_retries_change_nothing() {

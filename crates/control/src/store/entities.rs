@@ -218,7 +218,7 @@ pub(super) fn backup_codes(
 
 /// A user's state as published, with its failures merged since, if it has any:
 /// one statement, joining the published row and the merged failures, each
-/// there or not. Every failure and every accepted code a node reports reads it.
+/// there or not. Every accepted code a node reports reads it.
 pub(super) fn whole_user_state(
     conn: &mut Conn<'_, '_>,
     tenant: &str,
@@ -230,20 +230,51 @@ pub(super) fn whole_user_state(
          LEFT JOIN user_state s ON s.tenant = ?1 AND s.user_id = ?2
          LEFT JOIN unpublished_failures u ON u.tenant = ?1 AND u.user_id = ?2",
         args![tenant, user],
-        |r| {
-            let published = r.opt_int::<u32>(0)?;
-            let unpublished = r.opt_int::<u32>(3)?;
-            if published.is_none() && unpublished.is_none() {
-                return Ok(None);
-            }
-            Ok(Some(UserStateRow {
-                failures: published.unwrap_or(0),
-                locked: r.get::<Option<bool>>(1)?.unwrap_or(false),
-                throttled_until: r.opt_int(2)?,
-                unpublished: unpublished.unwrap_or(0),
-            }))
+        state_of,
+    )
+}
+
+/// The state a failure is merged into: the user's whole state, a clean one for
+/// a user with factors or backup codes but no state yet, or `None` for a user
+/// Twofold does not know. One statement, as every failure a node reports reads
+/// it; the existence checks run only for a user with no state (a first
+/// failure), in order, each only if the one before found nothing.
+pub(super) fn failure_state(
+    conn: &mut Conn<'_, '_>,
+    tenant: &str,
+    user: &str,
+) -> Result<Option<UserStateRow>> {
+    conn.query_one(
+        "SELECT s.failures, s.locked, s.throttled_until, u.failures,
+                CASE WHEN s.failures IS NOT NULL OR u.failures IS NOT NULL THEN TRUE
+                     WHEN EXISTS (SELECT 1 FROM totp_factors WHERE tenant = ?1 AND user_id = ?2) THEN TRUE
+                     ELSE EXISTS (SELECT 1 FROM backup_codes WHERE tenant = ?1 AND user_id = ?2)
+                END
+         FROM (SELECT 1) AS one
+         LEFT JOIN user_state s ON s.tenant = ?1 AND s.user_id = ?2
+         LEFT JOIN unpublished_failures u ON u.tenant = ?1 AND u.user_id = ?2",
+        args![tenant, user],
+        |r| match state_of(r)? {
+            Some(state) => Ok(Some(state)),
+            None if r.get::<bool>(4)? => Ok(Some(UserStateRow::default())),
+            None => Ok(None),
         },
     )
+}
+
+/// Columns 0 to 3 of the two statements above: `None` if neither row is there.
+fn state_of(r: &Row<'_, '_>) -> Result<Option<UserStateRow>> {
+    let published = r.opt_int::<u32>(0)?;
+    let unpublished = r.opt_int::<u32>(3)?;
+    if published.is_none() && unpublished.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(UserStateRow {
+        failures: published.unwrap_or(0),
+        locked: r.get::<Option<bool>>(1)?.unwrap_or(false),
+        throttled_until: r.opt_int(2)?,
+        unpublished: unpublished.unwrap_or(0),
+    }))
 }
 
 /// Count failures merged but not published.

@@ -22,7 +22,7 @@ use twofold_core::feed::{
 use twofold_core::throttle::{Throttle, ThrottlePolicy};
 
 use super::entities::{
-    self, backup_codes_of, put_unpublished, put_user_state, user_exists, whole_user_state,
+    self, backup_codes_of, failure_state, put_unpublished, put_user_state, whole_user_state,
 };
 use super::sql::args;
 use super::{Actor, Result, Store, UserStateRow, Write};
@@ -200,12 +200,9 @@ fn merge(
             succeed(w, tenant, user, touched)?;
         }
         UsageEvent::Failure { tenant, user, at } => {
-            // A user with throttle state exists; only a first failure needs the
-            // wider check.
-            let state = match whole_user_state(&mut w.tx, tenant, user)? {
-                Some(state) => state,
-                None if user_exists(&mut w.tx, tenant, user)? => UserStateRow::default(),
-                None => return Ok(()),
+            let Some(state) = failure_state(&mut w.tx, tenant, user)? else {
+                // Not a user Twofold knows: nothing to count.
+                return Ok(());
             };
             let next = policy.fail(&throttle_of(&state), *at);
             let key = EntityKey::UserState {
