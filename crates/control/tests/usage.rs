@@ -115,7 +115,12 @@ async fn a_failure_counts_for_any_user_twofold_knows() {
     let tenant_id = tenant.id.clone();
     let counted = server
         .with_store(move |store| {
-            users.map(|user| store.user_state(&tenant_id, user).unwrap().all_failures())
+            users.map(|user| {
+                store
+                    .user_state(&tenant_id, user)
+                    .expect("user state")
+                    .all_failures()
+            })
         })
         .await;
     assert_eq!(counted, [1, 1, 2, 0]);

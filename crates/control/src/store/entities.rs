@@ -236,9 +236,10 @@ pub(super) fn whole_user_state(
 
 /// The state a failure is merged into: the user's whole state, a clean one for
 /// a user with factors or backup codes but no state yet, or `None` for a user
-/// Twofold does not know. One statement, as every failure a node reports reads
-/// it; the existence checks run only for a user with no state (a first
-/// failure), in order, each only if the one before found nothing.
+/// Twofold does not know (the test of [`user_exists`]). One statement, as every
+/// failure a node reports reads it; the existence checks run only for a user
+/// with no state (a first failure), in order, each only if the one before
+/// found nothing.
 pub(super) fn failure_state(
     conn: &mut Conn<'_, '_>,
     tenant: &str,
