@@ -216,19 +216,30 @@ pub(super) fn backup_codes(
     })
 }
 
-/// A user's state as published, with its failures merged since, if it has any:
-/// one statement, joining the published row and the merged failures, each
-/// there or not. Every accepted code a node reports reads it.
+/// The `FROM` of the statements reading a user's whole state (`?1` the tenant,
+/// `?2` the user): one row, with the published state as `s` and the failures
+/// merged since as `u`, each there or not.
+macro_rules! user_state_joins {
+    () => {
+        "
+         FROM (SELECT 1) AS one
+         LEFT JOIN user_state s ON s.tenant = ?1 AND s.user_id = ?2
+         LEFT JOIN unpublished_failures u ON u.tenant = ?1 AND u.user_id = ?2"
+    };
+}
+
+/// A user's state as published, with its failures merged since, if it has any,
+/// in one statement. Every accepted code a node reports reads it.
 pub(super) fn whole_user_state(
     conn: &mut Conn<'_, '_>,
     tenant: &str,
     user: &str,
 ) -> Result<Option<UserStateRow>> {
     conn.query_one(
-        "SELECT s.failures, s.locked, s.throttled_until, u.failures
-         FROM (SELECT 1) AS one
-         LEFT JOIN user_state s ON s.tenant = ?1 AND s.user_id = ?2
-         LEFT JOIN unpublished_failures u ON u.tenant = ?1 AND u.user_id = ?2",
+        concat!(
+            "SELECT s.failures, s.locked, s.throttled_until, u.failures",
+            user_state_joins!()
+        ),
         args![tenant, user],
         state_of,
     )
@@ -246,14 +257,14 @@ pub(super) fn failure_state(
     user: &str,
 ) -> Result<Option<UserStateRow>> {
     conn.query_one(
-        "SELECT s.failures, s.locked, s.throttled_until, u.failures,
+        concat!(
+            "SELECT s.failures, s.locked, s.throttled_until, u.failures,
                 CASE WHEN s.failures IS NOT NULL OR u.failures IS NOT NULL THEN TRUE
                      WHEN EXISTS (SELECT 1 FROM totp_factors WHERE tenant = ?1 AND user_id = ?2) THEN TRUE
                      ELSE EXISTS (SELECT 1 FROM backup_codes WHERE tenant = ?1 AND user_id = ?2)
-                END
-         FROM (SELECT 1) AS one
-         LEFT JOIN user_state s ON s.tenant = ?1 AND s.user_id = ?2
-         LEFT JOIN unpublished_failures u ON u.tenant = ?1 AND u.user_id = ?2",
+                END",
+            user_state_joins!()
+        ),
         args![tenant, user],
         |r| match state_of(r)? {
             Some(state) => Ok(Some(state)),
