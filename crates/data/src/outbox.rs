@@ -413,10 +413,12 @@ impl Outbox {
         let writer = Arc::new(Mutex::new(writer));
         let (tx, rx) = mpsc::channel();
         let thread_writer = writer.clone();
+        let thread_alive = shared.clone();
         thread::Builder::new()
             .name("twofold-outbox".into())
             .spawn(move || {
                 let _stop = stop;
+                let _alive = Alive(&thread_alive.alive);
                 run(&thread_writer, &rx)
             })
             .map_err(|e| OutboxError::Other(e.to_string()))?;
@@ -575,8 +577,6 @@ fn checkpoint_until_stopped(conn: &Connection, stopped: &mpsc::Receiver<()>) {
 }
 
 fn run(writer: &Mutex<Writer>, rx: &mpsc::Receiver<Command>) {
-    let shared = lock(writer).shared.clone();
-    let _alive = Alive(&shared.alive);
     while let Ok(first) = rx.recv() {
         let mut commands = vec![first];
         if !commands[0].is_urgent() {
