@@ -3,7 +3,9 @@
 //! is two fsynced transactions).
 //!
 //! The rows are what `Store::insert_pending_totp` then `Store::activate_totp`
-//! would leave (crates/control/src/store), with secrets sealed exactly as the
+//! would leave (crates/control/src/store), activated [`ACTIVATED_STEPS_AGO`]
+//! steps before seeding, with the activation's step as the last step used (as
+//! activation records it), with secrets sealed exactly as the
 //! control plane seals them (`Keyring::seal_secret`, bound to tenant, user and
 //! factor), and the change log advanced by one change, so the head moves and
 //! the log is not empty. A snapshot reads every active factor whatever the log
@@ -23,6 +25,13 @@ use crate::users::user_name;
 
 /// Secrets drawn from the OS per call.
 const SECRET_BATCH: usize = 4096;
+
+/// How long before seeding the factors were activated, in 30 s steps: long
+/// enough that the codes of the steps a benchmark runs in are all fresh.
+pub const ACTIVATED_STEPS_AGO: u64 = 100;
+
+/// The factors' period, in seconds.
+const PERIOD: u64 = 30;
 
 /// Random 20-byte secrets (SHA-1 size) for `count` users.
 pub fn random_secrets(count: usize) -> anyhow::Result<Vec<[u8; 20]>> {
@@ -44,6 +53,8 @@ pub fn random_secrets(count: usize) -> anyhow::Result<Vec<[u8; 20]>> {
 pub struct Seeded {
     pub factors: usize,
     pub head: u64,
+    /// The step every factor was activated at, its last step used.
+    pub activated_step: u64,
     pub took: Duration,
 }
 
@@ -60,6 +71,11 @@ pub fn insert_factors(
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64);
+    // A factor is never active without a step: activation checks a code and
+    // keeps its step, so the first code the benchmark sends updates a step
+    // rather than setting one.
+    let activated_step = (now_ms as u64 / 1000 / PERIOD).saturating_sub(ACTIVATED_STEPS_AGO);
+    let activated_ms = (activated_step * PERIOD * 1000) as i64;
     let mut conn = Connection::open(db).with_context(|| format!("cannot open {}", db.display()))?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -71,7 +87,7 @@ pub fn insert_factors(
         let mut insert = tx.prepare(
             "INSERT INTO totp_factors (id, tenant, user_id, label, issuer, algorithm, digits, period, \
              sealed, status, created_ms, expires_ms, activated_ms, last_step) \
-             VALUES (?1, ?2, ?3, ?3, 'Twofold', 'SHA1', 6, 30, ?4, 'active', ?5, NULL, ?5, NULL)",
+             VALUES (?1, ?2, ?3, ?3, 'Twofold', 'SHA1', 6, 30, ?4, 'active', ?5, NULL, ?5, ?6)",
         )?;
         for (i, secret) in secrets.iter().enumerate() {
             let user = user_name(i);
@@ -86,7 +102,14 @@ pub fn insert_factors(
                 .seal_secret(&secret, &binding)
                 .map_err(|e| anyhow::anyhow!("sealing: {e}"))?
                 .into_bytes();
-            insert.execute(params![id.as_str(), tenant, user, sealed, now_ms])?;
+            insert.execute(params![
+                id.as_str(),
+                tenant,
+                user,
+                sealed,
+                activated_ms,
+                activated_step as i64
+            ])?;
             if i + 1 == secrets.len() {
                 last = Some(TotpRecord {
                     id: id.to_string(),
@@ -94,9 +117,9 @@ pub fn insert_factors(
                     user,
                     algorithm: "SHA1".into(),
                     digits: 6,
-                    period: 30,
+                    period: PERIOD as u32,
                     sealed,
-                    last_step: None,
+                    last_step: Some(activated_step),
                 });
             }
         }
@@ -124,6 +147,97 @@ pub fn insert_factors(
     Ok(Seeded {
         factors: secrets.len(),
         head: seq,
+        activated_step,
         took: started.elapsed(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use twofold_control::store::{Actor, FactorRow, FactorStatus, Store, TenantRow};
+    use twofold_core::seal::MasterKey;
+
+    use super::*;
+
+    /// A seeded factor is what enrolment then activation at the seeded step
+    /// leave, apart from its id, user, secret and times.
+    #[test]
+    fn a_seeded_factor_is_an_activated_one() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let db = dir.path().join("control.db");
+        let keyring = Keyring::new(MasterKey::generate().expect("master key"));
+        let tenant = "t_seed";
+        let store = Store::open(&db).expect("store");
+        let row = TenantRow {
+            id: tenant.into(),
+            name: "seed".into(),
+            created_ms: 1,
+        };
+        store
+            .create_tenant(1, &Actor::Operator, &row)
+            .expect("tenant");
+        drop(store);
+
+        let secrets = [[7u8; 20], [9u8; 20]];
+        let seeded = insert_factors(&db, &keyring, tenant, &secrets).expect("seeding");
+        assert_eq!(seeded.factors, 2);
+        let now_step = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_secs()
+            / PERIOD;
+        assert!(now_step.abs_diff(seeded.activated_step + ACTIVATED_STEPS_AGO) <= 1);
+
+        let store = Store::open(&db).expect("store");
+        let user = user_name(1);
+        let factors = store.list_factors(0, tenant, &user).expect("factors");
+        let [seeded_row] = factors.as_slice() else {
+            panic!("one factor expected, got {factors:?}");
+        };
+        let binding = Binding {
+            tenant,
+            user: &user,
+            factor: &seeded_row.id,
+        };
+        let sealed = twofold_core::seal::Sealed::from_bytes(&seeded_row.sealed).expect("sealed");
+        let opened = keyring.open_secret(&sealed, &binding).expect("opens");
+        assert_eq!(opened, Secret::from_bytes(&secrets[1]).expect("secret"));
+
+        // The same factor through the store's own enrolment and activation.
+        let activated_ms = seeded_row.activated_ms.expect("activated");
+        let id = FactorId::generate().expect("id").to_string();
+        let pending = FactorRow {
+            id: id.clone(),
+            user: "enrolled".into(),
+            label: "enrolled".into(),
+            status: FactorStatus::Pending,
+            expires_ms: Some(activated_ms + 600_000),
+            activated_ms: None,
+            last_step: None,
+            ..seeded_row.clone()
+        };
+        store
+            .insert_pending_totp(activated_ms, &Actor::Operator, &pending, 5)
+            .expect("enrolment");
+        let activated = store
+            .activate_totp(
+                activated_ms,
+                &Actor::Operator,
+                tenant,
+                "enrolled",
+                &id,
+                seeded.activated_step,
+            )
+            .expect("activation");
+        assert_eq!(
+            FactorRow {
+                id: seeded_row.id.clone(),
+                user: seeded_row.user.clone(),
+                label: seeded_row.label.clone(),
+                ..activated
+            },
+            *seeded_row
+        );
+        assert_eq!(seeded_row.last_step, Some(seeded.activated_step));
+    }
 }

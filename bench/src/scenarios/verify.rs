@@ -270,7 +270,7 @@ async fn seed(cluster: &mut Cluster, args: &VerifyArgs) -> anyhow::Result<Users>
                 seeded.head
             );
             let n = secrets.len();
-            Ok(Users::new(secrets, vec![0; n]))
+            Ok(Users::new(secrets, vec![seeded.activated_step; n]))
         }
         SeedMode::Api => {
             let auth = http::bearer(&cluster.tenant.manage_key)?;
