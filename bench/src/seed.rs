@@ -21,6 +21,7 @@ use twofold_core::ids::FactorId;
 use twofold_core::seal::{Binding, Keyring};
 use twofold_core::secret::Secret;
 
+use crate::totp::{PERIOD, step_at};
 use crate::users::user_name;
 
 /// Secrets drawn from the OS per call.
@@ -29,9 +30,6 @@ const SECRET_BATCH: usize = 4096;
 /// How long before seeding the factors were activated, in 30 s steps: long
 /// enough that the codes of the steps a benchmark runs in are all fresh.
 pub const ACTIVATED_STEPS_AGO: u64 = 100;
-
-/// The factors' period, in seconds.
-const PERIOD: u64 = 30;
 
 /// Random 20-byte secrets (SHA-1 size) for `count` users.
 pub fn random_secrets(count: usize) -> anyhow::Result<Vec<[u8; 20]>> {
@@ -74,7 +72,7 @@ pub fn insert_factors(
     // A factor is never active without a step: activation checks a code and
     // keeps its step, so the first code the benchmark sends updates a step
     // rather than setting one.
-    let activated_step = (now_ms as u64 / 1000 / PERIOD).saturating_sub(ACTIVATED_STEPS_AGO);
+    let activated_step = step_at(now_ms as u64 / 1000).saturating_sub(ACTIVATED_STEPS_AGO);
     let activated_ms = (activated_step * PERIOD * 1000) as i64;
     let mut conn = Connection::open(db).with_context(|| format!("cannot open {}", db.display()))?;
     conn.busy_timeout(Duration::from_secs(5))?;
@@ -87,7 +85,7 @@ pub fn insert_factors(
         let mut insert = tx.prepare(
             "INSERT INTO totp_factors (id, tenant, user_id, label, issuer, algorithm, digits, period, \
              sealed, status, created_ms, expires_ms, activated_ms, last_step) \
-             VALUES (?1, ?2, ?3, ?3, 'Twofold', 'SHA1', 6, 30, ?4, 'active', ?5, NULL, ?5, ?6)",
+             VALUES (?1, ?2, ?3, ?3, 'Twofold', 'SHA1', 6, ?7, ?4, 'active', ?5, NULL, ?5, ?6)",
         )?;
         for (i, secret) in secrets.iter().enumerate() {
             let user = user_name(i);
@@ -108,7 +106,8 @@ pub fn insert_factors(
                 user,
                 sealed,
                 activated_ms,
-                activated_step as i64
+                activated_step as i64,
+                PERIOD as i64
             ])?;
             if i + 1 == secrets.len() {
                 last = Some(TotpRecord {
@@ -181,11 +180,12 @@ mod tests {
         let secrets = [[7u8; 20], [9u8; 20]];
         let seeded = insert_factors(&db, &keyring, tenant, &secrets).expect("seeding");
         assert_eq!(seeded.factors, 2);
-        let now_step = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .expect("clock")
-            .as_secs()
-            / PERIOD;
+        let now_step = step_at(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .expect("clock")
+                .as_secs(),
+        );
         assert!(now_step.abs_diff(seeded.activated_step + ACTIVATED_STEPS_AGO) <= 1);
 
         let store = Store::open(&db).expect("store");
